@@ -1,0 +1,194 @@
+"""Policies: which pool member to evict (EvictionPolicy), what a loaded expert keeps (AdmissionPolicy).
+
+Stage: the engine thread, inside ExpertCache. Pure bookkeeping on ExpertKeys: no memory, no torch.
+The planner issue replaces KeepAll with a rank-range placement; LRU/LFU/FIFO stay for ablations.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from zipmoe.errors import ZipMoEError
+from zipmoe.types import ExpertKey, State
+
+# Planes each host state holds; the F pool is tracked separately (an expert may be in F and C at once).
+HOST_PLANES: dict[State | None, frozenset[str]] = {
+    State.C: frozenset({"sm", "e"}), State.S: frozenset({"sm"}), State.E: frozenset({"e"}), None: frozenset(),
+}
+
+
+def host_for(planes: frozenset[str] | set[str]) -> State | None:
+    """The host state that holds exactly these planes."""
+    for state, held in HOST_PLANES.items():
+        if held == planes:
+            return state
+    raise AssertionError(f"no host state holds {planes}")
+
+
+class EvictionPolicy(Protocol):
+    """Order of eviction inside one pool. Members are ExpertKeys; pinned keys are never chosen."""
+
+    def insert(self, key: ExpertKey) -> None:
+        """`key` just became a member (counts as its first access)."""
+
+    def touch(self, key: ExpertKey) -> None:
+        """`key`, a member, was accessed."""
+
+    def remove(self, key: ExpertKey) -> None:
+        """`key` leaves the pool (evicted, demoted or moved)."""
+
+    def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
+        """The member to evict next, skipping pinned keys; None if every member is pinned."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+
+class LRU:
+    """Least recently used first: one OrderedDict, oldest at the front."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+
+    def insert(self, key: ExpertKey) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def touch(self, key: ExpertKey) -> None:
+        self._order.move_to_end(key)
+
+    def remove(self, key: ExpertKey) -> None:
+        del self._order[key]
+
+    def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
+        return next((k for k in self._order if k not in pinned), None)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+
+class FIFO(LRU):
+    """First in, first out: accesses do not reorder (the paper's ablation baseline)."""
+
+    name = "fifo"
+
+    def touch(self, key: ExpertKey) -> None:
+        return None
+
+
+class LFU:
+    """Least frequently used first, least recently used among equal counts; O(1) except when pinned.
+
+    Counts start at 1 when a key enters this pool and are forgotten when it leaves (no aging).
+    """
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._count: dict[ExpertKey, int] = {}
+        self._buckets: dict[int, OrderedDict[ExpertKey, None]] = {}
+
+    def _add(self, key: ExpertKey, count: int) -> None:
+        self._count[key] = count
+        self._buckets.setdefault(count, OrderedDict())[key] = None
+
+    def _drop(self, key: ExpertKey) -> int:
+        count = self._count.pop(key)
+        bucket = self._buckets[count]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[count]
+        return count
+
+    def insert(self, key: ExpertKey) -> None:
+        if key in self._count:
+            self._drop(key)
+        self._add(key, 1)
+
+    def touch(self, key: ExpertKey) -> None:
+        self._add(key, self._drop(key) + 1)
+
+    def remove(self, key: ExpertKey) -> None:
+        self._drop(key)
+
+    def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
+        for count in sorted(self._buckets):
+            for key in self._buckets[count]:
+                if key not in pinned:
+                    return key
+        return None
+
+    def __len__(self) -> int:
+        return len(self._count)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._count
+
+
+EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
+
+
+def eviction_factory(policy: str | Callable[[], EvictionPolicy]) -> Callable[[], EvictionPolicy]:
+    """A factory of per-pool policies from a name ('lru', 'lfu', 'fifo') or a callable."""
+    if callable(policy):
+        return policy
+    if policy not in EVICTION_POLICIES:
+        raise ZipMoEError(f"unknown eviction policy {policy!r}; choose one of {sorted(EVICTION_POLICIES)}")
+    return EVICTION_POLICIES[policy]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to keep of an expert that is being loaded for a layer."""
+
+    full: bool  # keep the merged BF16 expert in the F pool
+    host: State | None  # host planes to hold afterwards: C, S, E or None (planes it already holds are kept)
+
+
+class AdmissionPolicy(Protocol):
+    """Decides what a loaded expert keeps and what an evicted host entry is demoted to."""
+
+    def decide(self, key: ExpertKey, state: State, capacity: Mapping[State, int]) -> Decision:
+        """`key` is being loaded from `state` (C, S, E or MISS); every missing plane will be in memory."""
+
+    def demote(self, host: State, capacity: Mapping[State, int]) -> State | None:
+        """Host state for an entry evicted from pool `host`; must hold a strict subset of its planes."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAll:
+    """Default until the planner lands: keep everything there is room for, demote C before dropping.
+
+    A loaded expert goes to F (if F has slots) and, when `inclusive`, also keeps its planes in C, so an
+    F eviction only drops the BF16 copy and the expert stays a C hit. Without C slots it keeps what
+    the S or E pool can hold. C victims fall to S (SM kept, E slot freed) if S has slots, else to E,
+    else out; S and E victims drop out.
+    """
+
+    inclusive: bool = True  # F experts also hold host planes (costs bytes, saves re-reads after F eviction)
+
+    def decide(self, key: ExpertKey, state: State, capacity: Mapping[State, int]) -> Decision:
+        full = capacity[State.F] > 0
+        if full and not self.inclusive:
+            return Decision(full=True, host=None)
+        for host in (State.C, State.S, State.E):
+            if capacity[host] > 0:
+                return Decision(full=full, host=host)
+        return Decision(full=full, host=None)
+
+    def demote(self, host: State, capacity: Mapping[State, int]) -> State | None:
+        if host is State.C:
+            if capacity[State.S] > 0:
+                return State.S
+            if capacity[State.E] > 0:
+                return State.E
+        return None

@@ -1,0 +1,253 @@
+"""The engine: serves one model's routed experts from a store under a memory budget.
+
+Arrow: models/compute (a MoE layer asks for its needed experts) → Engine.experts → cache lookup →
+schedule → executor (I/O thread + W decode workers fill buffers) → weights yielded as each is
+ready → cache.commit. Implements models.base.ExpertSource.
+Threads: `experts()` runs on the compute thread (the caller of model.forward); `LayerOps` methods
+run on the executor's I/O thread and decode workers and only write into buffers handed to them.
+N=weights of one expert, K=exponent shards, W=decode workers; sizes in bytes, times in seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from zipmoe.cache import ExpertCache
+from zipmoe.codec.coders.base import ExponentCoder
+from zipmoe.codec.merge import merge_into
+from zipmoe.engine.metrics import EngineStats
+from zipmoe.scheduler.executor import Executor
+from zipmoe.scheduler.schedule import schedule
+from zipmoe.scheduler.tasks import CostModel
+from zipmoe.store.format import ExpertEntry
+from zipmoe.store.reader import StoreReader
+from zipmoe.types import ExpertKey, State
+
+# The CPU decoders fuse decode + merge when the SM plane is already in memory (states C and S);
+# for E and MISS the SM read may finish after the shards decode, so they decode to an exponent
+# plane and a separate merge step (ordered after both by the plan) recombines.
+_FUSED_STATES = (State.C, State.S)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertShapes:
+    """How one expert's flat BF16 vector splits into the fused [2I,H] and [H,I] weights."""
+
+    gate_up: tuple[int, int]  # (2I, H)
+    down: tuple[int, int]  # (H, I)
+
+    @property
+    def split(self) -> int:
+        return self.gate_up[0] * self.gate_up[1]
+
+    @classmethod
+    def of(cls, entry: ExpertEntry) -> ExpertShapes:
+        gate, up, down = (entry.tensor(n).shape for n in ("gate", "up", "down"))
+        if gate != up or tuple(down) != (gate[1], gate[0]):
+            raise ValueError(f"{entry.key}: unexpected projection shapes gate {gate} up {up} down {down}")
+        return cls(gate_up=(2 * gate[0], gate[1]), down=(down[0], down[1]))
+
+
+class _Load:
+    """Buffers and progress of one expert being loaded in the current wave (compute-thread owned)."""
+
+    __slots__ = ("e_buf", "entry", "exp", "fused", "key", "out", "out_u16", "shards", "slot", "sm", "sm_buf", "state")
+
+    def __init__(self, key: ExpertKey, state: State, entry: ExpertEntry):
+        self.key, self.state, self.entry = key, state, entry
+        self.fused = state in _FUSED_STATES
+        self.slot = -1  # staging slot index within the wave
+        self.sm: np.ndarray | None = None  # SM plane [N] (cache slot or read buffer)
+        self.shards: list[np.ndarray] = []  # K compressed exponent shards
+        self.sm_buf: np.ndarray | None = None  # where a SM read lands
+        self.e_buf: np.ndarray | None = None  # where an E read lands
+        self.exp: np.ndarray | None = None  # decoded exponent plane [N] (unfused path)
+        self.out_u16: np.ndarray | None = None  # merged BF16 bits [N] on the host
+        self.out: torch.Tensor | None = None  # merged BF16 [N] on the compute device
+
+
+class LayerOps:
+    """The executor's view of one wave: each method fills one buffer; any thread may call them."""
+
+    def __init__(self, engine: Engine, loads: dict[ExpertKey, _Load]):
+        self._engine, self._loads = engine, loads
+
+    def read_sm(self, key: ExpertKey) -> None:
+        load = self._loads[key]
+        load.sm = self._engine.read_plane("sm", load.entry, load.sm_buf)
+
+    def read_e(self, key: ExpertKey) -> None:
+        load = self._loads[key]
+        load.shards = self._engine.read_plane("e", load.entry, load.e_buf)
+
+    def decode_shard(self, key: ExpertKey, shard: int) -> None:
+        load = self._loads[key]
+        lo, hi = load.entry.shard_bounds[shard]
+        coder = self._engine.coder
+        if load.fused:
+            coder.decode_merge_into(load.shards[shard], load.sm[lo:hi], load.out_u16[lo:hi])
+        else:
+            coder.decode_into(load.shards[shard], load.exp[lo:hi])
+
+    def merge(self, key: ExpertKey) -> None:
+        load = self._loads[key]
+        if not load.fused:
+            merge_into(load.sm, load.exp, load.out_u16)
+
+
+class Engine:
+    """Routed experts of one store, served to an installed model (see module docstring)."""
+
+    def __init__(
+        self, reader: StoreReader, cache: ExpertCache, executor: Executor, coder: ExponentCoder,
+        costs: CostModel, device: torch.device, shapes: ExpertShapes, staging_slots: int,
+        read_bytes_per_s: float | None = None,
+    ):
+        self.reader, self.cache, self.executor, self.coder = reader, cache, executor, coder
+        self.costs, self.device, self.shapes = costs, device, shapes
+        self.stats = EngineStats()
+        self.read_bytes_per_s = read_bytes_per_s  # optional cap emulating a slower disk
+        self._io_free_at = 0.0  # when the capped channel may start its next read
+        self.staging = cache.staging(staging_slots, exp=True)
+        self._cuda = device.type == "cuda"
+        # CUDA: workers merge into pinned host BF16, the compute thread copies it to the device.
+        self._host_out = None
+        if self._cuda:
+            cache.budget.reserve("staging.host_bf16", staging_slots * cache.numel * 2)
+            self._host_out = torch.empty((staging_slots, cache.numel), dtype=torch.int16, pin_memory=True)
+        self._copied = [torch.cuda.Event() for _ in range(staging_slots)] if self._cuda else []
+        self._closed = False
+
+    # ---- ExpertSource ----
+
+    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield (expert, gate_up [2I,H], down [H,I]) for each needed expert as soon as it is ready."""
+        t_layer = time.perf_counter()
+        stall = 0.0
+        keys = [ExpertKey(layer, e) for e in needed]
+        with self.cache.acquire(keys) as lease:
+            loads = []
+            for key, state in zip(keys, lease.states, strict=True):
+                self.stats.hits[state.name] += 1
+                if state is not State.F:
+                    loads.append(_Load(key, state, self.reader.entries[key]))
+            n = self.staging.n
+            waves = [loads[i : i + n] for i in range(0, len(loads), n)]
+            running = self._start(waves[0]) if waves else None
+            try:
+                for key, state in zip(keys, lease.states, strict=True):
+                    if state is State.F:  # hits compute while the first wave's reads run
+                        yield (key.expert, *self._views(self.cache.f_view(key)))
+                for w in range(len(waves)):
+                    handle, by_key = running
+                    while True:
+                        t0 = time.perf_counter()
+                        key = next(handle, None)
+                        stall += time.perf_counter() - t0
+                        if key is None:
+                            break
+                        load = by_key[key]
+                        self._finish(load)
+                        yield key.expert, *self._views(load.out)
+                    self.stats.decode_s += handle.decode_busy_s
+                    running = self._start(waves[w + 1]) if w + 1 < len(waves) else None
+            finally:
+                if running is not None:  # error or early close: no op may touch buffers after this
+                    running[0].close()
+        self.stats.stall_s += stall
+        self.stats.layer_s += time.perf_counter() - t_layer
+        self.stats.layers += 1
+
+    # ---- one wave: claim slots, plan, run ----
+
+    def _start(self, wave: list[_Load]) -> tuple[Iterator[ExpertKey], dict[ExpertKey, _Load]]:
+        by_key = {}
+        for slot, load in enumerate(wave):
+            self._bind(load, slot)
+            by_key[load.key] = load
+        tasks = [
+            self.costs.task(ld.key, ld.state, ld.entry.sm.length, ld.entry.e_length, ld.entry.numel,
+                            len(ld.entry.e_shards))
+            for ld in wave
+        ]
+        plan = schedule(tasks, self.executor.workers)
+        return self.executor.run(plan, LayerOps(self, by_key)), by_key
+
+    def _bind(self, load: _Load, slot: int) -> None:
+        """Point a load at its buffers: cache slots where the policy keeps a plane, else staging slot."""
+        cache, st, key = self.cache, self.staging, load.key
+        t = cache.targets(key)
+        if load.state in (State.C, State.S):
+            load.sm = cache.sm_view(key)
+        else:
+            load.sm_buf = t.sm if t.sm is not None else st.sm.views[slot]
+        if load.state in (State.C, State.E):
+            load.shards = self._split_shards(load.entry, cache.e_view(key))
+        else:
+            load.e_buf = t.e if t.e is not None else st.e.views[slot]
+        load.slot = slot
+        load.exp = None if load.fused else st.exp.views[slot][: load.entry.numel]
+        if self._cuda:
+            self._copied[slot].synchronize()  # the previous wave's H2D from this slot is done
+            load.out_u16 = self._host_out[slot].numpy().view(np.uint16)
+            load.out = t.full if t.full is not None else st.full.views[slot]
+        elif t.full is not None:
+            load.out_u16, load.out = t.full_u16, t.full
+        else:
+            load.out_u16, load.out = st.full.u16[slot], st.full.views[slot]
+
+    @staticmethod
+    def _split_shards(entry: ExpertEntry, region: np.ndarray) -> list[np.ndarray]:
+        base = entry.e_offset
+        return [region[c.offset - base : c.offset - base + c.length] for c in entry.e_shards]
+
+    def _finish(self, load: _Load) -> None:
+        """Weights are merged: move them to the device (CUDA) and make admitted slots visible."""
+        if self._cuda:
+            slot = load.slot
+            load.out.view(torch.int16).copy_(self._host_out[slot], non_blocking=True)
+            self._copied[slot].record()
+        self.cache.commit(load.key, e_nbytes=load.entry.e_length)
+
+    def _views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.shapes
+        return flat[: s.split].view(s.gate_up), flat[s.split :].view(s.down)
+
+    # ---- I/O (executor's I/O thread) ----
+
+    def read_plane(self, plane: str, entry: ExpertEntry, buf: np.ndarray):
+        """One checksummed read of an expert's SM plane or E region, honouring the bandwidth cap."""
+        nbytes = entry.sm.length if plane == "sm" else entry.e_length
+        t0 = time.perf_counter()
+        out = self.reader.read_sm_into(entry, buf) if plane == "sm" else self.reader.read_e_into(entry, buf)
+        if self.read_bytes_per_s:
+            start = max(t0, self._io_free_at)
+            self._io_free_at = start + nbytes / self.read_bytes_per_s
+            delay = self._io_free_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        self.stats.io_busy_s += time.perf_counter() - t0
+        self.stats.bytes_read += nbytes
+        if plane == "sm":
+            self.stats.sm_bytes_read += nbytes
+        else:
+            self.stats.e_bytes_read += nbytes
+        return out
+
+    def close(self) -> None:
+        """Join threads and give back every buffer and file; the model cannot run afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self.executor.close()
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            self.cache.budget.release("staging.host_bf16")
+        self.cache.release_staging(self.staging)
+        self.cache.close()
+        self.reader.close()

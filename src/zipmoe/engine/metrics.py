@@ -1,0 +1,96 @@
+"""Counters shared by the engine, the server's /metrics and the benchmarks (one source of truth).
+
+Written by the compute thread only (the executor reports its timings through the Plan it ran), so
+no locks; readers take a `snapshot()` (a plain dict) and subtract snapshots for per-request numbers.
+Times in seconds, sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from zipmoe.types import State
+
+log = logging.getLogger("zipmoe.engine")
+
+
+@dataclass
+class EngineStats:
+    hits: dict[str, int] = field(default_factory=lambda: {s.name: 0 for s in State})  # experts served per state
+    bytes_read: int = 0  # bytes read from the store's data file
+    sm_bytes_read: int = 0
+    e_bytes_read: int = 0
+    decode_s: float = 0.0  # summed worker time spent decoding exponent shards (+ fused merge)
+    io_busy_s: float = 0.0  # time the I/O channel was reading
+    stall_s: float = 0.0  # compute thread waiting for weights (I/O-stall + decode-stall)
+    layer_s: float = 0.0  # wall time inside MoE expert layers
+    layers: int = 0  # MoE layer calls served
+    steps: int = 0  # model forward calls
+    step_s: list[float] = field(default_factory=list)  # wall time of each forward (recent window)
+    step_tokens: list[int] = field(default_factory=list)  # query length of each forward
+
+    def record_step(self, seconds: float, query_len: int) -> None:
+        self.steps += 1
+        self.step_s.append(seconds)
+        self.step_tokens.append(query_len)
+        if len(self.step_s) > 4096:  # bounded: keep the recent window
+            del self.step_s[:2048], self.step_tokens[:2048]
+        log.debug("step %d: %.4f s for %d query tokens", self.steps, seconds, query_len)
+
+    def snapshot(self) -> dict:
+        """A plain dict of every counter, plus derived ratios (hit rate, stall share)."""
+        served = sum(self.hits.values())
+        return {
+            "hits": dict(self.hits),
+            "experts_served": served,
+            "hit_rate": {k: (v / served if served else 0.0) for k, v in self.hits.items()},
+            "bytes_read": self.bytes_read,
+            "sm_bytes_read": self.sm_bytes_read,
+            "e_bytes_read": self.e_bytes_read,
+            "decode_s": self.decode_s,
+            "io_busy_s": self.io_busy_s,
+            "stall_s": self.stall_s,
+            "layer_s": self.layer_s,
+            "io_stall_share": self.stall_s / self.layer_s if self.layer_s else 0.0,
+            "layers": self.layers,
+            "steps": self.steps,
+        }
+
+
+def request_summary(before: dict, after: dict, step_s: list[float]) -> dict:
+    """Per-request numbers from two snapshots and the request's forward times (first = prefill)."""
+    diff = {k: after[k] - before[k] for k in ("bytes_read", "decode_s", "io_busy_s", "stall_s", "layer_s")}
+    hits = {k: after["hits"][k] - before["hits"][k] for k in after["hits"]}
+    served = sum(hits.values())
+    decode_steps = step_s[1:]
+    return {
+        **diff,
+        "hits": hits,
+        "hit_rate": {k: (v / served if served else 0.0) for k, v in hits.items()},
+        "io_stall_share": diff["stall_s"] / diff["layer_s"] if diff["layer_s"] else 0.0,
+        "ttft_s": step_s[0] if step_s else None,
+        "tpot_s": statistics.median(decode_steps) if decode_steps else None,
+        "new_tokens": len(step_s),
+    }
+
+
+class StepClock:
+    """Times each model forward via hooks: a pre-hook starts the clock, a post-hook records it."""
+
+    def __init__(self, stats: EngineStats):
+        self.stats = stats
+        self._t0 = 0.0
+        self._query_len = 0
+
+    def pre(self, module, args, kwargs) -> None:
+        self._t0 = time.perf_counter()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self._query_len = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 0
+
+    def post(self, module, args, kwargs, output) -> None:
+        self.stats.record_step(time.perf_counter() - self._t0, self._query_len)

@@ -1,0 +1,192 @@
+"""models/compute.py: the "zipmoe" experts implementation — routed experts served by an ExpertSource.
+
+Stage: models (the arrow engine → transformers). Runs on the thread that calls model.forward.
+In: the experts module's (hidden_states [T,H], top_k_index [T,K], top_k_weights [T,K]) and the
+weights the engine yields per needed expert (gate_up [2I,H], down [H,I]); out: [T,H] that is
+torch.equal to transformers' own "eager" or "grouped_mm" forward over the full expert tensors.
+Each expert's matmuls run as soon as its weights arrive (any order); everything whose rounding
+depends on order or on tensor extent (index_add_ order, activations, the top-k sum) runs afterwards
+on tensors of exactly the reference's shape, in the reference's order.
+T=tokens K=top-k S=T*K routed slots H=hidden I=expert intermediate E=experts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ExpertsInterface, _grouped_linear
+
+from zipmoe.errors import UnsupportedModelError
+from zipmoe.models.base import ExpertSource
+
+IMPLEMENTATION = "zipmoe"  # the name registered in transformers' ExpertsInterface
+REFERENCES = ("eager", "grouped_mm")  # reference implementations we are bit-exact to
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _experts_of(self: nn.Module, needed: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    source: ExpertSource = self._zipmoe_source
+    return source.experts(self._zipmoe_layer, needed)
+
+
+def eager_like_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' eager experts loop (Qwen2MoeExperts.forward et al.) with weights from the source."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    needed = [e for e in expert_hit[:, 0].tolist() if e != self.num_experts]
+    contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for expert, gate_up, down in _experts_of(self, needed):
+        top_k_pos, token_idx = torch.where(expert_mask[expert])
+        current_state = hidden_states[token_idx]
+        gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
+        current_hidden_states = self.act_fn(gate) * up
+        current_hidden_states = nn.functional.linear(current_hidden_states, down)
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        contributions[expert] = (token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    _check_served(needed, contributions)
+    for expert in needed:  # index_add_ rounds per call: keep the reference's ascending expert order
+        final_hidden_states.index_add_(0, *contributions[expert])
+    return final_hidden_states
+
+
+def grouped_mm_like_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' grouped_mm_experts_forward, one single-group grouped_mm per served expert."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)  # (S,)
+    expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
+    selected_hidden_states_g = hidden_states[perm // num_top_k]
+    sample_weights_g = sample_weights[perm]
+    spans = _group_spans(expert_ids_g, self.num_experts)  # expert -> (start, end) in sorted slots
+    needed = sorted(spans)
+    down_out = hidden_states.new_empty(expert_ids_g.numel(), hidden_dim)
+    served: dict[int, bool] = {}
+    for expert, gate_up, down in _experts_of(self, needed):
+        start, end = spans[expert]
+        # The gate activation is elementwise along rows, so applying it to this expert's row block
+        # gives the same bits as the reference's whole-(S, 2I) call (tested); the weights can then
+        # be released as soon as the source is resumed.
+        proj_out = self._apply_gate(_one_group_linear(selected_hidden_states_g[start:end], gate_up))
+        down_out[start:end] = _one_group_linear(proj_out, down)
+        served[expert] = True
+    _check_served(needed, served)
+    weighted_out = down_out * sample_weights_g.unsqueeze(-1)  # (S, H)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=hidden_states.device)
+    weighted_out = weighted_out[inv_perm]
+    final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    return final_hidden_states.to(hidden_states.dtype)
+
+
+def _one_group_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The reference's grouped_mm kernel on one group: weight [out, in] viewed as [1, out, in]."""
+    offs = torch.tensor([x.size(0)], dtype=torch.int32, device=x.device)
+    return _grouped_linear(x, weight.unsqueeze(0), offs, bias=None, is_transposed=False)
+
+
+def _group_spans(sorted_ids: torch.Tensor, num_experts: int) -> dict[int, tuple[int, int]]:
+    """Slot range of each routed expert in the sorted order (one device→host sync, like the reference)."""
+    counts = torch.bincount(sorted_ids, minlength=num_experts)[:num_experts].tolist()
+    spans, start = {}, 0
+    for expert, n in enumerate(counts):
+        if n:
+            spans[expert] = (start, start + n)
+        start += n
+    return spans
+
+
+def _check_served(needed: list[int], served: dict) -> None:
+    if sorted(served) != needed:
+        missing = sorted(set(needed) - set(served))
+        raise RuntimeError(f"ExpertSource did not serve experts {missing} (asked for {needed})")
+
+
+_FORWARDS: dict[str, Callable[..., torch.Tensor]] = {
+    "eager": eager_like_forward,
+    "grouped_mm": grouped_mm_like_forward,
+}
+
+
+def zipmoe_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The registered "zipmoe" implementation: dispatch to the reference picked at install time."""
+    return self._zipmoe_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+ExpertsInterface.register(IMPLEMENTATION, zipmoe_experts_forward)
+
+
+def experts_modules(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """(decoder layer, module name, module) of every fused experts module driven by the interface."""
+    found = []
+    for name, module in model.named_modules():
+        if all(hasattr(module, a) for a in ("is_concatenated", "gate_up_proj", "down_proj")):
+            m = _LAYER_RE.search(name + ".")
+            if m is None:
+                raise UnsupportedModelError(f"experts module {name!r} is not under a '.layers.<n>.' path")
+            found.append((int(m.group(1)), name, module))
+    return found
+
+
+def _check_layout(name: str, module: nn.Module) -> None:
+    """Only the standard layout (concatenated [gate; up], not transposed, no bias, no post-norm)."""
+    odd = [
+        flag
+        for flag, want in (("has_gate", True), ("is_concatenated", True), ("is_transposed", False),
+                           ("has_bias", False), ("has_post_expert_norm", False))
+        if getattr(module, flag, want) != want
+    ]
+    if odd:
+        raise UnsupportedModelError(
+            f"experts module {name!r} ({type(module).__name__}) uses a layout zipmoe does not serve yet "
+            f"({', '.join(odd)}); only gated, concatenated, non-transposed experts without bias are supported"
+        )
+
+
+def install(model: nn.Module, source: ExpertSource, reference: str | None = None) -> list[int]:
+    """Serve every fused experts module of `model` from `source`; returns the MoE layer indices.
+
+    reference: "eager" or "grouped_mm" — the transformers implementation the results are bit-exact
+    to (default: the model's current one, i.e. what plain from_pretrained picked). The experts'
+    weight Parameters are replaced by meta placeholders of the same shape (they hold no memory), so
+    move the model to its device before install, never after.
+    """
+    current = getattr(model.config, "_experts_implementation", None)
+    if current == IMPLEMENTATION:  # re-install: keep the reference chosen the first time
+        current = getattr(model, "_zipmoe_reference", None)
+    reference = reference or current or "grouped_mm"
+    if reference not in _FORWARDS:
+        raise UnsupportedModelError(
+            f"experts implementation {reference!r} has no zipmoe counterpart; "
+            f"use one of {', '.join(REFERENCES)}"
+        )
+    modules = experts_modules(model)
+    if not modules:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no fused experts module (gate_up_proj/down_proj under "
+            "@use_experts_implementation); per-expert nn.Linear layouts need a dedicated adapter"
+        )
+    for layer, name, module in modules:
+        _check_layout(name, module)
+        for pname in ("gate_up_proj", "down_proj"):
+            old = getattr(module, pname)
+            setattr(module, pname, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
+                                                requires_grad=False))
+        module.intermediate_dim = module.gate_up_proj.shape[1] // 2
+        module._zipmoe_source = source
+        module._zipmoe_layer = layer
+        module._zipmoe_forward = _FORWARDS[reference]
+    model._zipmoe_reference = reference
+    model.set_experts_implementation(IMPLEMENTATION)
+    return sorted(layer for layer, _, _ in modules)

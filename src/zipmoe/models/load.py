@@ -1,0 +1,134 @@
+"""load(store, device, memory_budget): a transformers model whose routed experts come from the engine.
+
+Arrow: store/ → (dense weights resident, Engine over the expert planes) → HF model, generate() unchanged.
+Runs once on the caller's thread; the returned model owns the engine (model.zipmoe_engine) and its
+threads, released by `unload(model)` or when the model is garbage-collected.
+Sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import torch
+from safetensors.torch import load_file
+
+from zipmoe.cache import ExpertCache, MemoryBudget, entry_bytes, uniform_numel
+from zipmoe.cache.staging import staging_nbytes
+from zipmoe.codec.coders import get_coder
+from zipmoe.config import format_size
+from zipmoe.engine.engine import Engine, ExpertShapes
+from zipmoe.engine.metrics import StepClock
+from zipmoe.errors import UnsupportedModelError, ZipMoEError
+from zipmoe.models.build import build_model_without_experts
+from zipmoe.models.compute import install
+from zipmoe.scheduler.executor import Executor
+from zipmoe.scheduler.tasks import CostModel
+from zipmoe.store.reader import StoreReader
+from zipmoe.types import State
+
+log = logging.getLogger("zipmoe")
+
+# Conservative defaults until the planner's profiler measures this machine (issue 4); they only
+# steer the order of work inside a layer, never what is computed.
+DEFAULT_COSTS = CostModel(
+    disk_bytes_per_s=1.5e9, disk_latency_s=1e-4, decode_bytes_per_s=1.0e9, merge_bytes_per_s=6e9, compute_s=5e-4
+)
+
+
+def default_workers() -> int:
+    """Decode workers: every core but the one running compute and the I/O thread."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def load(
+    store: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    memory_budget: int | str | None = None,
+    *,
+    workers: int | None = None,
+    eviction: str = "lru",
+    staging_slots: int | None = None,
+    direct_io: bool | None = None,
+    experts_implementation: str | None = None,
+    read_bytes_per_s: float | None = None,
+    costs: CostModel = DEFAULT_COSTS,
+) -> torch.nn.Module:
+    """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
+
+    memory_budget: everything the engine holds (dense weights, expert pools, staging), bytes or a
+    string like "6GiB"; None = enough to keep every expert decoded. experts_implementation: the
+    transformers implementation results are bit-exact to ("eager" or "grouped_mm"; None = what
+    from_pretrained picks). read_bytes_per_s caps disk reads to emulate a slower SSD (benchmarks
+    must say when they use it).
+    """
+    device = torch.device(device)
+    reader = StoreReader(store, direct_io=direct_io)
+    try:
+        return _load(reader, device, memory_budget, workers, eviction, staging_slots,
+                     experts_implementation, read_bytes_per_s, costs)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _load(reader, device, memory_budget, workers, eviction, staging_slots, experts_implementation,
+          read_bytes_per_s, costs):
+    entries = list(reader.entries.values())
+    if any(e.mode != "split" for e in entries):
+        raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
+    shapes = ExpertShapes.of(entries[0])
+    numel = uniform_numel(e.numel for e in entries)
+    e_slot = reader.max_e_region_bytes
+    dense = {}
+    for path in reader.dense_files():
+        dense.update(load_file(str(path), device=str(device)))
+    dense_bytes = sum(t.numel() * t.element_size() for t in dense.values())
+    n_experts = len({e.key.expert for e in entries})
+    slots = staging_slots or max(1, min(n_experts, 2 * _top_k(reader.config)))
+    per_entry = entry_bytes(numel, e_slot)
+    staging = staging_nbytes(slots, numel, per_entry[State.S], per_entry[State.E], exp=True)
+    staging += slots * 2 * numel if device.type == "cuda" else 0  # pinned host BF16 for the H2D copy
+    if memory_budget is None:  # room for every expert decoded
+        budget = MemoryBudget(dense_bytes + staging + len(entries) * per_entry[State.F])
+    else:
+        budget = MemoryBudget(memory_budget)
+    budget.reserve("dense", dense_bytes)
+    budget.reserve("staging", staging)  # the pools are sized around it; the engine allocates it below
+    cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction)
+    budget.release("staging")
+    engine = Engine(reader, cache, Executor(workers or default_workers()),
+                    get_coder(reader.manifest.codec_id, **reader.manifest.codec_params),
+                    costs, device, shapes, slots, read_bytes_per_s)
+    try:
+        model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)
+        install(model, engine)
+    except BaseException:
+        engine.close()
+        raise
+    clock = StepClock(engine.stats)
+    model.register_forward_pre_hook(clock.pre, with_kwargs=True)
+    model.register_forward_hook(clock.post, with_kwargs=True)
+    model.zipmoe_engine = engine
+    weakref.finalize(model, engine.close)
+    log.info("zipmoe: %d experts of %s, budget %s: %s", len(entries), format_size(2 * numel),
+             format_size(budget.total), {k: format_size(v) for k, v in budget.breakdown().items()})
+    return model
+
+
+def _top_k(config: dict) -> int:
+    for name in ("num_experts_per_tok", "moe_top_k", "top_k"):
+        if isinstance(config.get(name), int):
+            return config[name]
+    return 2
+
+
+def unload(model: torch.nn.Module) -> None:
+    """Stop the model's engine now: joins its threads, frees its pools, closes the store."""
+    engine = getattr(model, "zipmoe_engine", None)
+    if engine is None:
+        raise ZipMoEError("this model was not loaded by zipmoe.load")
+    engine.close()
+

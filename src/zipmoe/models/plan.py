@@ -1,0 +1,130 @@
+"""expert_tensor_plan: which checkpoint tensors are routed experts (sliced how) and which stay dense.
+
+Called by the converter with the checkpoint's tensor names (all shards) and its config.json dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from zipmoe.errors import ConversionError, UnsupportedModelError
+from zipmoe.models.base import PROJ_ORDER, ExpertPlan, FusedName, ProjSource, group_by_expert
+from zipmoe.models.generic import FUSED_RE, PER_EXPERT_RE, GenericAdapter
+from zipmoe.models.registry import get_adapter, unsupported_message
+from zipmoe.types import ExpertKey
+
+
+def expert_tensor_plan(
+    weight_names: Iterable[str],
+    config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> ExpertPlan:
+    """Split a checkpoint's tensors into routed experts and dense tensors.
+
+    shapes (optional, name -> shape) gives the expert count of fused tensors; otherwise the config's.
+    """
+    names = set(weight_names)
+    model_type = config.get("model_type")
+    adapter = get_adapter(model_type)
+    if isinstance(adapter, GenericAdapter):
+        per, fused = adapter.discover(names)
+    else:
+        per = [n for n in adapter.expert_names(config) if n.name in names]
+        fused = [f for f in adapter.fused_names(config) if f.name in names]
+    items = [(n.key, ProjSource(n.name, n.proj)) for n in per]
+    for f in fused:
+        items.extend(_fused_items(f, _fused_count(f, adapter.num_experts(config), shapes)))
+    _check_no_duplicates(items)
+    experts = group_by_expert(items)
+    used = {src.tensor for _, src in items}
+    _check_leftovers(names - used, model_type)
+    if not experts:
+        _raise_no_experts(model_type, adapter)
+    _check_complete(experts, adapter, config)
+    return ExpertPlan(
+        model_type=str(model_type),
+        adapter=adapter.model_type,
+        experts=experts,
+        dense=tuple(sorted(names - used)),
+    )
+
+
+def _fused_count(f: FusedName, configured: int, shapes: Mapping[str, tuple[int, ...]] | None) -> int:
+    if shapes is not None and f.name in shapes:
+        return int(shapes[f.name][0])
+    if configured <= 0:
+        raise ConversionError(
+            f"fused expert tensor {f.name!r}: the expert count is unknown; pass shapes= or set num_experts "
+            "in config.json"
+        )
+    return configured
+
+
+def _fused_items(f: FusedName, count: int) -> list[tuple[ExpertKey, ProjSource]]:
+    parts = len(f.projs)
+    return [
+        (ExpertKey(f.layer, e), ProjSource(f.name, p, index=e, part=i, parts=parts))
+        for e in range(count)
+        for i, p in enumerate(f.projs)
+    ]
+
+
+def _check_no_duplicates(items: list[tuple[ExpertKey, ProjSource]]) -> None:
+    seen: dict[tuple[ExpertKey, str], str] = {}
+    for key, src in items:
+        other = seen.setdefault((key, src.proj), src.tensor)
+        if other != src.tensor:
+            raise ConversionError(
+                f"{key} {src.proj} projection appears twice, in {other!r} and {src.tensor!r}: the checkpoint "
+                "mixes per-expert and fused layouts; keep one of them"
+            )
+
+
+def _check_leftovers(leftover: set[str], model_type: Any) -> None:
+    odd = sorted(n for n in leftover if PER_EXPERT_RE.match(n) or FUSED_RE.match(n))
+    if odd:
+        raise ConversionError(
+            f"model_type {model_type!r}: {len(odd)} tensor(s) look like routed experts but do not match the "
+            f"adapter's layout (first: {odd[0]!r}); the checkpoint may be for another model_type or "
+            "layer configuration"
+        )
+
+
+def _raise_no_experts(model_type: Any, adapter: Any) -> None:
+    if isinstance(adapter, GenericAdapter):
+        raise UnsupportedModelError(
+            unsupported_message(model_type, "no routed experts found by the generic naming rule")
+        )
+    raise ConversionError(
+        f"model_type {model_type!r}: no routed experts found (expected tensors like "
+        f"{adapter.per_expert['gate']!r}); is this a MoE checkpoint with num_experts > 0?"
+    )
+
+
+def _check_complete(experts: Mapping[ExpertKey, tuple[ProjSource, ...]], adapter: Any, config: Any) -> None:
+    """Every expert has gate, up and down; every layer the same contiguous expert ids 0..E-1."""
+    for key, srcs in experts.items():
+        if tuple(s.proj for s in srcs) != PROJ_ORDER:
+            have = ", ".join(s.proj for s in srcs)
+            raise ConversionError(
+                f"{key}: found projections ({have}) but gated experts need gate, up and down; "
+                "non-gated expert layouts are not supported"
+            )
+    by_layer: dict[int, list[int]] = {}
+    for key in experts:
+        by_layer.setdefault(key.layer, []).append(key.expert)
+    want_layers = adapter.moe_layers(config) or sorted(by_layer)
+    want_n = adapter.num_experts(config) or len(next(iter(by_layer.values())))
+    for layer in want_layers:
+        got = sorted(by_layer.get(layer, []))
+        if got != list(range(want_n)):
+            missing = sorted(set(range(want_n)) - set(got))[:5]
+            raise ConversionError(
+                f"layer {layer}: expected routed experts 0..{want_n - 1}, missing e.g. {missing}; "
+                "the checkpoint is incomplete (a shard missing?) or config.json does not match it"
+            )
+    extra = sorted(set(by_layer) - set(want_layers))
+    if extra:
+        raise ConversionError(f"routed experts found in layers {extra} which config.json says are dense")
+

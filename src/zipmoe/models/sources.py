@@ -1,0 +1,42 @@
+"""Reference ExpertSource implementations (tests, debugging): experts held in memory.
+
+InMemoryExpertSource copies each requested expert out of full fused tensors (so the model under
+test never shares storage with the reference) and yields them in a shuffled order, proving that
+results do not depend on the order in which the engine makes experts ready.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from zipmoe.models.compute import experts_modules
+
+
+class InMemoryExpertSource:
+    """Serves experts from {layer: (gate_up [E,2I,H], down [E,H,I])}; counts what it served."""
+
+    def __init__(self, weights: Mapping[int, tuple[torch.Tensor, torch.Tensor]], seed: int = 0):
+        self.weights = dict(weights)
+        self.rng = random.Random(seed)
+        self.calls: list[tuple[int, tuple[int, ...]]] = []  # (layer, needed) per layer call
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, seed: int = 0) -> InMemoryExpertSource:
+        """Snapshot (clone) the fused expert tensors of a plain transformers model."""
+        weights = {
+            layer: (m.gate_up_proj.detach().clone(), m.down_proj.detach().clone())
+            for layer, _, m in experts_modules(model)
+        }
+        return cls(weights, seed)
+
+    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield fresh copies of the needed experts in a random order."""
+        self.calls.append((layer, tuple(needed)))
+        gate_up, down = self.weights[layer]
+        order = list(needed)
+        self.rng.shuffle(order)
+        for expert in order:
+            yield expert, gate_up[expert].clone(), down[expert].clone()

@@ -1,0 +1,194 @@
+"""Cache-affinity scheduling: a layer's expert tasks → Plan. Pure: no torch, no threads, no I/O.
+
+Arrow: (ExpertTask per needed expert, W) ──schedule()──▶ Plan ──▶ executor. Runs on the caller's
+thread once per MoE layer call.
+
+The model (precisely in scheduler/model.py): one serial I/O channel, W identical decode workers, one
+serial compute stream; per expert read_e → k shard decodes → merge → compute, read_sm → merge.
+A plan fixes two things, exactly what the executor obeys:
+  * the I/O queue: reads run back to back in this order (they have no predecessors, so the channel
+    never idles);
+  * a decode priority over experts: a worker that becomes free takes the released job of highest
+    priority (merges before shards, then by expert rank) — a non-delay list schedule;
+and compute takes experts in the order they become ready (earliest ready first; ties by rank).
+`simulate` evaluates such a pair under the model; `lower_bound` and `exact.brute_force_optimum` judge it.
+
+The algorithm (the paper's idea, made concrete):
+  * Type-I work (reads) is ordered by Johnson's rule on (read time, work that must follow the read):
+    experts whose downstream work exceeds their read go first, shortest read first, so decoding and
+    compute start early; then the rest by decreasing downstream work — once the pipeline is
+    compute-bound the remaining reads are closed in a block that keeps the compute stream fed.
+    Variants: heaviest-first (LPT), shortest-read-first, and E reads hoisted before SM reads.
+  * Type-II work (C / E shards, released at once) fills the workers while reads run; priority
+    variants: the I/O order, heaviest chain first (LPT), Type-II first.
+  * Each candidate pair is simulated (O(J log J)); the plan is the best. The (3 − 1/W)·optimum
+    bound is property-tested against the exact optimum (tests/scheduler); `Plan.certified_ratio`
+    (makespan / lower bound) bounds the ratio to the optimum for every plan at run time.
+
+# E=experts K=shards W=workers; times in s
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from zipmoe.errors import ZipMoEError
+from zipmoe.scheduler.exact import brute_force_optimum
+from zipmoe.scheduler.model import Job, Kind, Res, build_jobs, lower_bound
+from zipmoe.scheduler.sim import Order, Timeline, resolve, run_list, run_queue, simulate, steps_of
+from zipmoe.scheduler.tasks import ExpertTask, ExpertTimes, IoStep, Plan, Plane
+from zipmoe.types import ExpertKey, State
+
+__all__ = ["Order", "brute_force_optimum", "lower_bound", "schedule", "simulate"]
+
+
+def _johnson(items: Sequence[int], a: Sequence[float], b: Sequence[float]) -> list[int]:
+    """Johnson's rule for a two-stage flow (optimal for two machines): a < b first by a, rest by -b."""
+    first = sorted((i for i in items if a[i] < b[i]), key=lambda i: (a[i], i))
+    return first + sorted((i for i in items if a[i] >= b[i]), key=lambda i: (-b[i], i))
+
+
+def _stage_times(tasks: Sequence[ExpertTask], workers: int) -> tuple[list[float], list[float], list[float]]:
+    """Per task: read time, decode+merge time on min(k, W) workers, compute time."""
+    io = [t.read_sm_s + t.read_e_s for t in tasks]
+    dec = [t.decode_s / max(1, min(t.k, workers)) + t.merge_s for t in tasks]
+    return io, dec, [t.compute_s for t in tasks]
+
+
+def _io_orders(tasks: Sequence[ExpertTask], workers: int) -> list[list[IoStep]]:
+    """Candidate read orders (see module docstring)."""
+    io_t, dec, cmp = _stage_times(tasks, workers)
+    after = [(dec[e] if t.reads_e else t.merge_s) + cmp[e] for e, t in enumerate(tasks)]  # must follow reads
+    reading = [e for e, t in enumerate(tasks) if t.reads_sm or t.reads_e]
+    seqs = [
+        _johnson(reading, io_t, after),  # Johnson on (read, downstream)
+        _johnson(reading, [io_t[e] + dec[e] for e in range(len(tasks))], [dec[e] + cmp[e] for e in range(len(tasks))]),
+        sorted(reading, key=lambda e: (-(io_t[e] + dec[e] + cmp[e]), e)),  # heaviest first (LPT)
+        sorted(reading, key=lambda e: (io_t[e], e)),  # shortest read first
+    ]
+
+    def steps(seq: list[int], hoist_e: bool = False) -> list[IoStep]:
+        e_steps = [IoStep(tasks[e].key, Plane.E) for e in seq if tasks[e].reads_e]
+        sm_steps = [IoStep(tasks[e].key, Plane.SM) for e in seq if tasks[e].reads_sm]
+        if hoist_e:
+            return e_steps + sm_steps
+        return [s for e in seq for s in (IoStep(tasks[e].key, Plane.E), IoStep(tasks[e].key, Plane.SM))
+                if (tasks[e].reads_e if s.plane == Plane.E else tasks[e].reads_sm)]
+
+    return [steps(q) for q in seqs] + [steps(seqs[0], hoist_e=True)]
+
+
+def _ranks(tasks: Sequence[ExpertTask], io: list[IoStep], workers: int) -> list[list[int]]:
+    """Candidate expert priorities on the workers, as rank per task (see module docstring)."""
+    pos: dict[ExpertKey, int] = {}
+    for i, s in enumerate(io):
+        pos.setdefault(s.key, i)
+    io_t, dec, cmp = _stage_times(tasks, workers)
+    at = [pos.get(t.key, -1) for t in tasks]  # Type-II work first, then by read order
+    idx = range(len(tasks))
+    seqs = [
+        sorted(idx, key=lambda e: (at[e], -(dec[e] + cmp[e]), e)),  # read order, Type-II LPT before
+        sorted(idx, key=lambda e: (-(dec[e] + cmp[e]), e)),  # heaviest chain first (LPT)
+        _johnson(idx, dec, cmp),  # Johnson on (decode, compute)
+        _johnson(idx, [io_t[e] + dec[e] for e in idx], [dec[e] + cmp[e] for e in idx]),
+        sorted(idx, key=lambda e: (tasks[e].state not in (State.C, State.E), -(dec[e] + cmp[e]), e)),
+    ]
+    out = []
+    for seq in seqs:
+        rank = [0] * len(tasks)
+        for r, e in enumerate(seq):
+            rank[e] = r
+        out.append(rank)
+    return out
+
+
+def _candidates(tasks: Sequence[ExpertTask], jobs: list[Job], workers: int):
+    """(io job order, worker job order, io steps) of every heuristic candidate."""
+    worker_jobs = [j for j in jobs if j.res == Res.WORKER]
+    for io in _io_orders(tasks, workers):
+        io_seq = [j for j in (_io_job(jobs, tasks, s) for s in io) if j is not None]
+        for rank in _ranks(tasks, io, workers):
+            prio = [(0 if j.kind == Kind.MERGE else 1, rank[j.expert], j.shard) for j in jobs]
+            yield io_seq, run_list(jobs, workers, io_seq, prio), io
+            strict = sorted(worker_jobs, key=lambda j: (rank[j.expert], j.kind, j.shard))
+            yield io_seq, [j.id for j in strict], io
+
+
+def _io_job(jobs: list[Job], tasks: Sequence[ExpertTask], step: IoStep) -> int | None:
+    kind = Kind.READ_E if step.plane == Plane.E else Kind.READ_SM
+    return next((j.id for j in jobs if tasks[j.expert].key == step.key and j.kind == kind), None)
+
+
+def _improve(jobs: list[Job], workers: int, seqs: list[list[int]], best: float, budget: int) -> float:
+    """First-improvement local search: move one read or one worker step earlier; `seqs` = [io, worker]."""
+    ranks = range(1 + max((j.expert for j in jobs), default=0))
+    improved = True
+    while improved and budget > 0:
+        improved = False
+        for which, seq in enumerate(seqs):
+            for i in range(1, len(seq)):
+                preds = set(jobs[seq[i]].preds)
+                for to in range(i - 1, -1, -1):
+                    if seq[to] in preds:
+                        break  # cannot pass its own predecessor
+                    cand = seq[:to] + [seq[i]] + seq[to:i] + seq[i + 1:]
+                    trial = [cand, seqs[1]] if which == 0 else [seqs[0], cand]
+                    span = run_queue(jobs, workers, trial[0], trial[1], ranks).makespan
+                    budget -= 1
+                    if span < best * (1 - 1e-12):
+                        seqs[which], best, improved = cand, span, True
+                        break
+                    if budget <= 0:
+                        return best
+                if improved:
+                    break
+            if improved:
+                break
+    return best
+
+
+def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 256) -> Plan:
+    """The plan for one layer: the best simulated candidate of the cache-affinity heuristics, then at
+    most `effort` local-search simulations (0: candidates only)."""
+    if workers < 1:
+        raise ZipMoEError(f"workers must be >= 1, got {workers}")
+    if len({t.key for t in tasks}) != len(tasks):
+        raise ZipMoEError("tasks name the same expert twice; give each needed expert once")
+    jobs = build_jobs(tasks)
+    order = range(len(tasks))
+    best: tuple[float, list[int], list[int], list[IoStep]] | None = None
+    for io_seq, wk_seq, io in _candidates(tasks, jobs, workers):
+        span = run_queue(jobs, workers, io_seq, wk_seq, order).makespan
+        if best is None or span < best[0]:
+            best = (span, io_seq, wk_seq, io)
+    assert best is not None
+    seqs = [list(best[1]), list(best[2])]
+    makespan = _improve(jobs, workers, seqs, best[0], effort) if effort > 0 else best[0]
+    io_of = {j: s for j, s in zip(best[1], (s for s in best[3] if _io_job(jobs, tasks, s) is not None), strict=True)}
+    io = [io_of[j] for j in seqs[0]] + [s for s in best[3] if _io_job(jobs, tasks, s) is None]
+    tl = run_queue(jobs, workers, seqs[0], seqs[1], order)
+    times = _expert_times(tasks, jobs, tl)
+    compute_order = tuple(tasks[e].key for e in sorted(order, key=lambda e: (times[e].ready, e)))
+    plan = Plan(tuple(tasks), workers, tuple(io), steps_of(jobs, tasks, seqs[1]), compute_order, tuple(times),
+                makespan, lower_bound(tasks, workers))
+    resolve(tasks, jobs, Order(plan.io_queue, plan.decode_queue))  # cheap self-check of the queues
+    return plan
+
+
+def _expert_times(tasks: Sequence[ExpertTask], jobs: list[Job], tl: Timeline) -> list[ExpertTimes]:
+    """Per-expert stage times from a job timeline (nan where the expert has no such stage)."""
+    mine: list[list[Job]] = [[] for _ in tasks]
+    for j in jobs:
+        mine[j.expert].append(j)
+    out = []
+    for t, js in zip(tasks, mine, strict=True):
+        def span(kinds: tuple[Kind, ...], js: list[Job] = js) -> tuple[float, float]:
+            sel = [j.id for j in js if j.kind in kinds]
+            return (min(tl.start[i] for i in sel), max(tl.end[i] for i in sel)) if sel else (math.nan, math.nan)
+
+        io, dec, cmp = span((Kind.READ_E, Kind.READ_SM)), span((Kind.SHARD, Kind.MERGE)), span((Kind.COMPUTE,))
+        ready = max((tl.end[j.id] for j in js if j.kind != Kind.COMPUTE), default=0.0)
+        cs, ce = (ready, ready) if math.isnan(cmp[0]) else cmp
+        out.append(ExpertTimes(t.key, io[0], io[1], dec[0], dec[1], ready, cs, ce))
+    return out

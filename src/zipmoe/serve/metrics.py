@@ -1,0 +1,75 @@
+"""Prometheus metrics for `zipmoe serve`: request timings and tokens, plus the engine's cache counters.
+
+Request metrics are recorded by the engine thread when a request ends; the engine's counters (hits per
+state, bytes read, I/O-stall share) are read from the handle's stats function at scrape time. Each
+server owns its registry, so several servers (or tests) in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("zipmoe.serve")
+
+_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _EngineCollector(Collector):
+    """Turns one engine stats snapshot into metric families (nothing when the model is plain HF)."""
+
+    def __init__(self, stats_fn: Callable[[], dict] | None):
+        self.stats_fn = stats_fn
+
+    def collect(self):
+        if self.stats_fn is None:
+            return
+        try:
+            stats = self.stats_fn()
+        except Exception:  # a scrape must never take the server down
+            log.exception("engine stats unavailable")
+            return
+        hits = CounterMetricFamily("zipmoe_expert_hits", "Experts served, by the cache state they were in",
+                                   labels=["state"])
+        for state, count in sorted(dict(stats.get("hits", {})).items()):
+            hits.add_metric([str(state)], float(count))
+        yield hits
+        yield CounterMetricFamily("zipmoe_store_read_bytes", "Bytes read from the store's expert file",
+                                  value=float(stats.get("bytes_read", 0)))
+        yield GaugeMetricFamily("zipmoe_io_stall_share",
+                                "Share of MoE layer time spent waiting for expert weights (0-1)",
+                                value=float(stats.get("io_stall_share", 0.0)))
+
+
+class ServerMetrics:
+    def __init__(self, stats_fn: Callable[[], dict] | None = None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("zipmoe_time_to_first_token_seconds", "Request submission to first token",
+                              buckets=_TIME_BUCKETS, registry=r)
+        self.tpot = Histogram("zipmoe_time_per_output_token_seconds", "Mean time per token after the first",
+                              buckets=_TIME_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("zipmoe_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("zipmoe_completion_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("zipmoe_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.active = Gauge("zipmoe_requests_running", "Requests being decoded", registry=r)
+        self.queued = Gauge("zipmoe_requests_waiting", "Requests waiting for a decoding slot", registry=r)
+        r.register(_EngineCollector(stats_fn))
+
+    def record_finished(self, outcome: str, prompt_tokens: int, completion_tokens: int,
+                        ttft_s: float | None, tpot_s: float | None) -> None:
+        """outcome: 'completed', 'cancelled' (client went away) or 'error'."""
+        self.requests.labels(outcome).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+        if ttft_s is not None and completion_tokens:
+            self.ttft.observe(ttft_s)
+        if tpot_s is not None and completion_tokens > 1:
+            self.tpot.observe(tpot_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,109 @@
+"""Page-aligned buffers and O_DIRECT reads: the one place that knows O_DIRECT's rules.
+
+Arrow: reader -> read_direct_into(fd, offset, length, buf) -> a view of the requested bytes in buf.
+O_DIRECT needs the file offset, the length and the buffer address all multiples of 4096; we round the
+span out to 4096 and hand back the view of what was asked for. Any thread may call (os.preadv on a
+shared fd keeps no file position). Sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+
+import numpy as np
+
+from zipmoe.errors import ZipMoEError
+
+ALIGN = 4096  # O_DIRECT granularity used by the store (FORMAT.md §2)
+log = logging.getLogger(__name__)
+
+
+def align_up(n: int) -> int:
+    """Smallest multiple of ALIGN that is >= n."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed, page-aligned uint8 buffer of at least nbytes (rounded up to 4096), from an anonymous mmap."""
+    return np.frombuffer(mmap.mmap(-1, max(ALIGN, align_up(nbytes))), dtype=np.uint8)
+
+
+def span_bytes(offset: int, length: int) -> int:
+    """Buffer bytes read_direct_into needs for [offset, offset+length): the span rounded out to 4096."""
+    return align_up(offset + length) - (offset - offset % ALIGN)
+
+
+def open_direct(path: str | os.PathLike, *, required: bool = False) -> tuple[int, bool]:
+    """Open read-only with O_DIRECT (no page cache) -> (fd, True); else fall back to buffered -> (fd, False).
+
+    tmpfs and some FUSE file systems refuse O_DIRECT at open or at the first read; we probe both.
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if flag:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        else:
+            if _direct_read_works(fd):
+                return fd, True
+            os.close(fd)
+    if required:
+        raise ZipMoEError(
+            f"O_DIRECT is not supported for {os.fspath(path)!r} on this file system; "
+            "open the store with direct_io=None (auto) or False"
+        )
+    log.warning(
+        "O_DIRECT is not supported for %s; using buffered reads (the page cache will hold expert bytes)",
+        os.fspath(path),
+    )
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+
+
+def _direct_read_works(fd: int) -> bool:
+    if os.fstat(fd).st_size == 0:
+        return True
+    try:
+        os.preadv(fd, [memoryview(aligned_buffer(ALIGN))], 0)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    return True
+
+
+def read_direct_into(fd: int, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
+    """Read [offset, offset+length) into buf with 4096-aligned I/O; return the view of exactly those bytes.
+
+    buf must be a 1-D uint8 array from aligned_buffer (or other page-aligned memory) of at least
+    span_bytes(offset, length). Raises EOFError if the file ends before offset+length.
+    """
+    start = offset - offset % ALIGN
+    span = align_up(offset + length) - start
+    if buf.ndim != 1 or buf.dtype != np.uint8 or buf.nbytes < span or not buf.flags.c_contiguous:
+        raise ValueError(
+            f"read of {length} bytes at {offset} needs a contiguous uint8 buffer of {span} bytes, "
+            f"got {buf.dtype} {buf.shape}"
+        )
+    view = buf[:span]
+    got = 0
+    while got < span:
+        try:
+            n = os.preadv(fd, [memoryview(view[got:])], start + got)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and buf.ctypes.data % ALIGN:
+                raise ValueError(
+                    "O_DIRECT reads need a page-aligned buffer: allocate it with aligned_buffer()"
+                ) from exc
+            raise
+        if n == 0:
+            break
+        got += n
+    lo = offset - start
+    if got < lo + length:
+        raise EOFError(f"file ends at {start + got}, before byte {offset + length}")
+    return view[lo : lo + length]

@@ -1,0 +1,77 @@
+"""Eviction order of LRU, LFU and FIFO, with pinned keys skipped."""
+
+import pytest
+
+from zipmoe.cache import FIFO, LFU, LRU
+from zipmoe.cache.policy import eviction_factory
+from zipmoe.errors import ZipMoEError
+from zipmoe.types import ExpertKey
+
+
+def k(i: int) -> ExpertKey:
+    return ExpertKey(0, i)
+
+
+def drain(policy, pinned=frozenset()) -> list[int]:
+    order = []
+    while (v := policy.victim(pinned)) is not None:
+        order.append(v.expert)
+        policy.remove(v)
+    return order
+
+
+def test_lru_evicts_least_recently_used() -> None:
+    p = LRU()
+    for i in range(4):
+        p.insert(k(i))
+    p.touch(k(0))
+    p.touch(k(2))
+    assert drain(p) == [1, 3, 0, 2]
+
+
+def test_fifo_ignores_accesses() -> None:
+    p = FIFO()
+    for i in range(4):
+        p.insert(k(i))
+    p.touch(k(0))
+    p.touch(k(0))
+    assert drain(p) == [0, 1, 2, 3]
+
+
+def test_lfu_evicts_least_frequent_then_least_recent() -> None:
+    p = LFU()
+    for i in range(4):
+        p.insert(k(i))
+    for i, n in ((0, 3), (1, 1), (2, 3), (3, 0)):
+        for _ in range(n):
+            p.touch(k(i))
+    # counts: 0→4, 1→2, 2→4, 3→1; ties by recency (0 reached 4 before 2)
+    assert drain(p) == [3, 1, 0, 2]
+
+
+def test_lfu_reinsert_resets_count() -> None:
+    p = LFU()
+    p.insert(k(0))
+    p.insert(k(1))
+    p.touch(k(0))
+    p.remove(k(0))
+    p.insert(k(0))
+    assert drain(p) == [1, 0]
+
+
+@pytest.mark.parametrize("cls", [LRU, LFU, FIFO])
+def test_pinned_keys_are_skipped(cls) -> None:
+    p = cls()
+    for i in range(3):
+        p.insert(k(i))
+    pinned = {k(0), k(1)}
+    assert p.victim(pinned) == k(2)
+    p.remove(k(2))
+    assert p.victim(pinned) is None
+    assert len(p) == 2 and k(0) in p and k(2) not in p
+
+
+def test_factory_names() -> None:
+    assert isinstance(eviction_factory("lfu")(), LFU)
+    with pytest.raises(ZipMoEError, match="unknown eviction policy"):
+        eviction_factory("mru")
