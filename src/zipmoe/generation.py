@@ -8,6 +8,7 @@ runs on the thread that owns the model. Times in seconds.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -95,11 +96,17 @@ def _load_store(
     if budget is not None:
         kwargs["memory_budget"] = budget
     if threads is not None:
-        kwargs["threads"] = threads
+        accepted = inspect.signature(zipmoe.load).parameters
+        name = next((n for n in ("threads", "workers", "decode_workers") if n in accepted), None)
+        if name is None:
+            log.warning("this engine does not take a thread count: --threads is ignored")
+        else:
+            kwargs[name] = threads
     model = zipmoe.load(str(path), **kwargs)
     if hasattr(zipmoe, "engine_stats"):
         return model, lambda: zipmoe.engine_stats(model)
-    return model, lambda: model.zipmoe_engine.stats()
+    stats = model.zipmoe_engine.stats  # EngineStats (engine/metrics.py): snapshot() is a plain dict
+    return model, stats.snapshot if hasattr(stats, "snapshot") else stats
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -147,8 +148,22 @@ def metric_value(server, name: str, labels: dict | None = None) -> float:
     return 0.0
 
 
+class SlowModel:
+    """Delegates to the model but takes 20 ms per forward, so a generation outlives a disconnect check."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(0.02)
+        return self.model(*args, **kwargs)
+
+
 def test_disconnect_mid_stream_frees_slot(handle):
-    live = LiveServer(handle, api_key=None, max_running=1)
+    live = LiveServer(dataclasses.replace(handle, model=SlowModel(handle.model)), api_key=None, max_running=1)
     try:
         c = client(live, key="none")
         stream = c.completions.create(model=MODEL, prompt="the", max_tokens=200, temperature=0, stream=True)
@@ -174,7 +189,7 @@ def test_disconnect_mid_stream_frees_slot(handle):
         while metric_value(live, "zipmoe_requests_total", {"outcome": "cancelled"}) < 2:
             assert time.monotonic() < deadline + 30, "hung-up non-streaming request kept its slot"
             time.sleep(0.05)
-        assert metric_value(live, "zipmoe_requests_total", {"outcome": "completed"}) == 1
+        assert metric_value(live, "zipmoe_requests_total", {"outcome": "completed"}) == 1  # assert_serving
     finally:
         live.stop()
 

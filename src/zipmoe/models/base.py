@@ -122,8 +122,8 @@ class ExpertSource(Protocol):
     then up rows), down a contiguous [H, I] tensor, both with the model's dtype on the compute device.
     They may be views into engine buffers; they only need to stay valid until the generator is
     resumed for the next item (the forward is done with an expert before asking for another), so
-    the engine can recycle a small set of staging buffers within one layer. An exception raised inside the generator (e.g.
-    ChecksumError) propagates out of the model's forward.
+    the engine can recycle a small set of staging buffers within one layer. An exception raised
+    inside the generator (e.g. ChecksumError) propagates out of the model's forward.
     """
 
     def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -55,6 +55,7 @@ def load(
     experts_implementation: str | None = None,
     read_bytes_per_s: float | None = None,
     costs: CostModel = DEFAULT_COSTS,
+    capacities: dict[State, int] | None = None,
 ) -> torch.nn.Module:
     """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
 
@@ -62,20 +63,21 @@ def load(
     string like "6GiB"; None = enough to keep every expert decoded. experts_implementation: the
     transformers implementation results are bit-exact to ("eager" or "grouped_mm"; None = what
     from_pretrained picks). read_bytes_per_s caps disk reads to emulate a slower SSD (benchmarks
-    must say when they use it).
+    must say when they use it). capacities: entries per pool (F/C/S/E) instead of the default split,
+    e.g. {State.F: n} for a plain uncompressed LRU cache.
     """
     device = torch.device(device)
     reader = StoreReader(store, direct_io=direct_io)
     try:
         return _load(reader, device, memory_budget, workers, eviction, staging_slots,
-                     experts_implementation, read_bytes_per_s, costs)
+                     experts_implementation, read_bytes_per_s, costs, capacities)
     except BaseException:
         reader.close()
         raise
 
 
 def _load(reader, device, memory_budget, workers, eviction, staging_slots, experts_implementation,
-          read_bytes_per_s, costs):
+          read_bytes_per_s, costs, capacities):
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
@@ -97,7 +99,10 @@ def _load(reader, device, memory_budget, workers, eviction, staging_slots, exper
         budget = MemoryBudget(memory_budget)
     budget.reserve("dense", dense_bytes)
     budget.reserve("staging", staging)  # the pools are sized around it; the engine allocates it below
-    cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction)
+    if capacities is not None:
+        capacities = {p: capacities.get(p, 0) for p in (State.F, State.C, State.S, State.E)}
+    cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction,
+                        capacities=capacities)
     budget.release("staging")
     engine = Engine(reader, cache, Executor(workers or default_workers()),
                     get_coder(reader.manifest.codec_id, **reader.manifest.codec_params),

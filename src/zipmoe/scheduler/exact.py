@@ -48,6 +48,7 @@ class _Search:
         self.io_after = [self.tail[j.id] - j.p for j in jobs]  # work that must follow each job
         self.placed = 0
         self.nodes = 0
+        self.seen: dict[tuple, float] = {}  # transposition table: search state -> best prefix makespan
 
     def res_free(self, res: Res) -> float:
         if res == Res.IO:
@@ -128,6 +129,12 @@ class _Search:
             self.npreds[c] += 1
         self.placed -= 1
 
+    def state(self, t: float) -> tuple:
+        """What the rest of the search depends on (besides the makespan so far)."""
+        live = tuple(f if f is None or any(self.finish[c] is None for c in self.succs[i]) else -1.0
+                     for i, f in enumerate(self.finish))  # None: unplaced, -1: placed, no successor waits
+        return (t, self.io_free, self.cmp_free, tuple(sorted(self.wk_free)), live)
+
     def dfs(self, t: float, span: float, last: int = -1) -> None:
         self.nodes += 1
         if self.placed == len(self.jobs):
@@ -135,6 +142,10 @@ class _Search:
             return
         if self.bound(t, span) >= self.best * (1 - 1e-12):
             return
+        key = (self.state(t), last)
+        if self.seen.get(key, math.inf) <= span:
+            return  # the same subproblem was already searched from an equal or better prefix
+        self.seen[key] = span
         cands = [(self.est(j, t), j) for j in self.eligible()]
         for s, j in sorted(cands, key=lambda c: (c[0], c[1].id)):
             if (s == t and j.id < last) or self._dominated(s, j, cands):
@@ -146,7 +157,9 @@ class _Search:
     @staticmethod
     def _dominated(s: float, job: Job, cands: list[tuple[float, Job]]) -> bool:
         """Another eligible job of the same resource fits entirely before `job` would start."""
-        return any(o is not job and o.res == job.res and so + o.p <= s for so, o in cands)
+        # `so < s` is implied by `so + o.p <= s` in exact arithmetic; it keeps a tiny o.p absorbed by
+        # rounding from dominating a job at its own start time (the id tie rule would then lose both)
+        return any(o is not job and o.res == job.res and so + o.p <= s and so < s for so, o in cands)
 
 
 def brute_force_optimum(tasks: Sequence[ExpertTask], workers: int, upper: float = math.inf) -> float:

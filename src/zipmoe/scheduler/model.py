@@ -2,7 +2,8 @@
 
 Resources: IO = one channel (serial), WORKER = W identical decode workers, COMPUTE = one stream
 (serial). Every job needs exactly one unit of one resource for its whole duration, non-preemptively.
-Per expert j (jobs of duration 0 are dropped and their edges contracted; they need no resource):
+Per expert j (jobs of duration <= 1e-9 × the instance's total work count as 0: they are dropped, their
+edges contracted, and they need no resource — this keeps float rounding out of the exact search):
 
     read_e (IO, S/MISS) ──▶ k shard jobs (WORKER, decode_s/k each) ──▶ merge (WORKER) ──▶ compute (COMPUTE)
     read_sm (IO, E/MISS) ─────────────────────────────────────────────▲
@@ -56,20 +57,18 @@ class Job:
     shard: int  # shard index for SHARD jobs, else 0
     p: float  # duration, s (> 0)
     preds: tuple[int, ...]  # job ids that must complete before it starts
-
-    @property
-    def res(self) -> Res:
-        return _RES[self.kind]
+    res: Res  # the resource it occupies (follows from kind)
 
 
 def build_jobs(tasks: Sequence[ExpertTask]) -> list[Job]:
-    """The DAG of the module docstring, positive-duration jobs only, in topological order."""
+    """The DAG of the module docstring, non-negligible jobs only, in topological order."""
     jobs: list[Job] = []
+    tiny = 1e-9 * sum(t.read_sm_s + t.read_e_s + t.decode_s + t.merge_s + t.compute_s for t in tasks)
 
     def add(expert: int, kind: Kind, p: float, preds: tuple[int, ...], shard: int = 0) -> tuple[int, ...]:
-        if p <= 0:
+        if p <= tiny:
             return preds  # contracted: successors inherit the predecessors
-        jobs.append(Job(len(jobs), expert, kind, shard, p, preds))
+        jobs.append(Job(len(jobs), expert, kind, shard, p, preds, _RES[kind]))
         return (len(jobs) - 1,)
 
     for j, t in enumerate(tasks):

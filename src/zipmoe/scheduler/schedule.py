@@ -30,6 +30,7 @@ The algorithm (the paper's idea, made concrete):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -37,7 +38,7 @@ from zipmoe.errors import ZipMoEError
 from zipmoe.scheduler.exact import brute_force_optimum
 from zipmoe.scheduler.model import Job, Kind, Res, build_jobs, lower_bound
 from zipmoe.scheduler.sim import Order, Timeline, resolve, run_list, run_queue, simulate, steps_of
-from zipmoe.scheduler.tasks import ExpertTask, ExpertTimes, IoStep, Plan, Plane
+from zipmoe.scheduler.tasks import DecodeStep, ExpertTask, ExpertTimes, IoStep, Plan, Plane
 from zipmoe.types import ExpertKey, State
 
 __all__ = ["Order", "brute_force_optimum", "lower_bound", "schedule", "simulate"]
@@ -148,30 +149,75 @@ def _improve(jobs: list[Job], workers: int, seqs: list[list[int]], best: float, 
     return best
 
 
-def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 256) -> Plan:
+_MEMO: dict[tuple, Plan] = {}  # canonical instance -> plan on placeholder keys (experts share shapes)
+_MEMO_MAX = 4096
+
+
+def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 128) -> Plan:
     """The plan for one layer: the best simulated candidate of the cache-affinity heuristics, then at
-    most `effort` local-search simulations (0: candidates only)."""
+    most `effort` local-search simulations (0: candidates only). Stops early at a provably optimal
+    plan (makespan == lower bound). Plans are memoised by the tasks' times, so a layer whose experts
+    share shapes pays the search once per combination of states."""
     if workers < 1:
         raise ZipMoEError(f"workers must be >= 1, got {workers}")
     if len({t.key for t in tasks}) != len(tasks):
         raise ZipMoEError("tasks name the same expert twice; give each needed expert once")
+    sig = [(t.state, t.read_sm_s, t.read_e_s, t.decode_s, t.merge_s, t.compute_s, t.k) for t in tasks]
+    perm = sorted(range(len(tasks)), key=lambda e: sig[e])
+    memo_key = (workers, effort, tuple(sig[e] for e in perm))
+    template = _MEMO.get(memo_key)
+    if template is None:
+        canonical = [dataclasses.replace(tasks[e], key=ExpertKey(-1, n)) for n, e in enumerate(perm)]
+        template = _search(canonical, workers, effort)
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[memo_key] = template
+    return _relabel(template, tasks, [tasks[e].key for e in perm])
+
+
+def _relabel(template: Plan, tasks: Sequence[ExpertTask], keys: list[ExpertKey]) -> Plan:
+    """The template plan with placeholder key ExpertKey(-1, n) renamed to keys[n]."""
+    times = {keys[e.key.expert]: dataclasses.replace(e, key=keys[e.key.expert]) for e in template.predicted}
+    return Plan(
+        tasks=tuple(tasks),
+        workers=template.workers,
+        io_queue=tuple(IoStep(keys[s.key.expert], s.plane) for s in template.io_queue),
+        decode_queue=tuple(DecodeStep(keys[s.key.expert], s.shard) for s in template.decode_queue),
+        compute_order=tuple(keys[k.expert] for k in template.compute_order),
+        predicted=tuple(times[t.key] for t in tasks),
+        makespan_s=template.makespan_s,
+        lower_bound_s=template.lower_bound_s,
+    )
+
+
+def _search(tasks: Sequence[ExpertTask], workers: int, effort: int) -> Plan:
+    """Candidates, then local search; see schedule()."""
     jobs = build_jobs(tasks)
     order = range(len(tasks))
+    bound = lower_bound(tasks, workers)
     best: tuple[float, list[int], list[int], list[IoStep]] | None = None
+    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
     for io_seq, wk_seq, io in _candidates(tasks, jobs, workers):
+        if (tuple(io_seq), tuple(wk_seq)) in seen:
+            continue
+        seen.add((tuple(io_seq), tuple(wk_seq)))
         span = run_queue(jobs, workers, io_seq, wk_seq, order).makespan
         if best is None or span < best[0]:
             best = (span, io_seq, wk_seq, io)
+            if span <= bound * (1 + 1e-9):
+                break  # provably optimal
     assert best is not None
     seqs = [list(best[1]), list(best[2])]
-    makespan = _improve(jobs, workers, seqs, best[0], effort) if effort > 0 else best[0]
-    io_of = {j: s for j, s in zip(best[1], (s for s in best[3] if _io_job(jobs, tasks, s) is not None), strict=True)}
+    makespan = best[0]
+    if effort > 0 and makespan > bound * (1 + 1e-9):
+        makespan = _improve(jobs, workers, seqs, makespan, effort)
+    with_job = [s for s in best[3] if _io_job(jobs, tasks, s) is not None]
+    io_of = dict(zip(best[1], with_job, strict=True))
     io = [io_of[j] for j in seqs[0]] + [s for s in best[3] if _io_job(jobs, tasks, s) is None]
-    tl = run_queue(jobs, workers, seqs[0], seqs[1], order)
-    times = _expert_times(tasks, jobs, tl)
+    times = _expert_times(tasks, jobs, run_queue(jobs, workers, seqs[0], seqs[1], order))
     compute_order = tuple(tasks[e].key for e in sorted(order, key=lambda e: (times[e].ready, e)))
     plan = Plan(tuple(tasks), workers, tuple(io), steps_of(jobs, tasks, seqs[1]), compute_order, tuple(times),
-                makespan, lower_bound(tasks, workers))
+                makespan, bound)
     resolve(tasks, jobs, Order(plan.io_queue, plan.decode_queue))  # cheap self-check of the queues
     return plan
 

@@ -149,19 +149,33 @@ def simulate(plan_or_order: Plan | Order, tasks: Sequence[ExpertTask], workers: 
 def steps_of(jobs: Sequence[Job], tasks: Sequence[ExpertTask], wk_seq: Sequence[int]
              ) -> tuple[DecodeStep, ...]:
     """Decode queue for a worker job order. An expert has a MERGE step only when merge_s > 0 (else
-    decode_shard merged in place and the expert is ready when its last input lands); zero-length
-    shards (no job in the model) go right before their expert's merge, or last."""
+    decode_shard merged in place and the expert is ready when its last input lands). Steps too short
+    to be jobs in the model go right after their inputs: shards before the merge, a merge right after
+    the last shard; an expert with neither goes last."""
     out: list[DecodeStep] = []
-    placed: set[int] = set()  # experts whose zero-length shards are queued
+    left = [t.k for t in tasks]  # shards not yet queued, per expert
+
+    def shard(e: int, i: int) -> None:
+        out.append(DecodeStep(tasks[e].key, i))
+        left[e] -= 1
+        if left[e] == 0 and tasks[e].merge_s > 0 and not has_merge[e]:
+            out.append(DecodeStep(tasks[e].key, MERGE))
+
+    has_merge = [False] * len(tasks)
+    for j in jobs:
+        has_merge[j.expert] |= j.kind == Kind.MERGE
     for jid in wk_seq:
-        job, t = jobs[jid], tasks[jobs[jid].expert]
-        if job.kind == Kind.SHARD:
-            out.append(DecodeStep(t.key, job.shard))
+        e = jobs[jid].expert
+        if jobs[jid].kind == Kind.SHARD:
+            shard(e, jobs[jid].shard)
             continue
-        if t.decode_s <= 0:
-            out.extend(DecodeStep(t.key, i) for i in range(t.k))
-            placed.add(job.expert)
-        out.append(DecodeStep(t.key, MERGE))
-    out.extend(DecodeStep(t.key, i) for e, t in enumerate(tasks)
-               if t.decodes and t.decode_s <= 0 and e not in placed for i in range(t.k))
+        for i in range(tasks[e].k - left[e], tasks[e].k):  # shards with no job: queued just before
+            shard(e, i)
+        out.append(DecodeStep(tasks[e].key, MERGE))
+    for e, t in enumerate(tasks):
+        if t.decodes and left[e]:
+            for i in range(t.k - left[e], t.k):
+                shard(e, i)
+            if has_merge[e]:
+                raise AssertionError("merge job missing from the worker order")
     return tuple(out)

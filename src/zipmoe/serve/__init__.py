@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: protocol (pydantic shapes) → routes (HTTP) → service (engine thread) → app."""

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from zipmoe.errors import ZipMoEError
 from zipmoe.generation import SamplingParams, encode_chat, encode_prompt
 from zipmoe.serve import protocol as p
-from zipmoe.serve.service import Delta, Done, Failed, GenerationService, collect
+from zipmoe.serve.service import DISCONNECT_POLL_S, Delta, Done, Failed, GenerationService, collect
 
 router = APIRouter()
 
@@ -171,16 +171,16 @@ def _sse(svc: GenerationService, req, request: Request, chunk: Callable) -> Stre
         try:
             for c in chunk(None):
                 yield f"data: {json.dumps(c)}\n\n"
-            next_check = time.monotonic() + 1.0
+            next_check = time.monotonic() + DISCONNECT_POLL_S
             while True:
                 try:
-                    ev = await asyncio.wait_for(req.events.get(), timeout=1.0)
+                    ev = await asyncio.wait_for(req.events.get(), timeout=DISCONNECT_POLL_S)
                 except TimeoutError:
                     ev = None
                 if time.monotonic() >= next_check:
                     if await request.is_disconnected():
                         return
-                    next_check = time.monotonic() + 1.0
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                 if ev is None:
                     continue
                 if isinstance(ev, Failed):

@@ -24,6 +24,8 @@ from zipmoe.serve.metrics import ServerMetrics
 
 log = logging.getLogger("zipmoe.serve")
 
+DISCONNECT_POLL_S = 0.5  # how often a waiting handler asks whether its client is still there
+
 
 @dataclass(frozen=True)
 class Delta:
@@ -172,18 +174,18 @@ class GenerationService:
 async def collect(req: Request, gone: Callable[[], Awaitable[bool]] | None = None) -> GenerationResult | None:
     """Wait for a request's end (non-streaming responses); raises ZipMoEError if the engine failed.
 
-    `gone()` is polled every second; when it says the client left, the request is dropped (None).
+    `gone()` is polled every DISCONNECT_POLL_S; when it says the client left, the request is dropped (None).
     """
-    next_check = time.monotonic() + 1.0
+    next_check = time.monotonic() + DISCONNECT_POLL_S
     while True:
         try:
-            event = await asyncio.wait_for(req.events.get(), timeout=1.0)
+            event = await asyncio.wait_for(req.events.get(), timeout=DISCONNECT_POLL_S)
         except TimeoutError:
             event = None
         if gone is not None and time.monotonic() >= next_check:
             if await gone():
                 return None
-            next_check = time.monotonic() + 1.0
+            next_check = time.monotonic() + DISCONNECT_POLL_S
         if isinstance(event, Done):
             return event.result
         if isinstance(event, Failed):

@@ -1,0 +1,178 @@
+"""Engine benchmark (issue 3): zipmoe vs the same engine over uncompressed experts with an LRU cache
+vs plain transformers with everything on the device, same model, prompts, budget and routing.
+
+Routing comes from the calibrated sampler (bench/routing.py) through a hook on every router, the
+same sequence for every system (random-weight models route degenerately). Budgets are the dense
+weights + staging + a fraction of the BF16 expert bytes. Reports TTFT, TPOT (median over decode
+steps), throughput, bytes read, hits per state, and the run's lower bounds: bytes read ÷ measured
+O_DIRECT disk bandwidth, and decode work ÷ workers.
+
+    python -m zipmoe.bench.engine --workdir /tmp/zb --layers 6 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from zipmoe.bench.routing import RouterOverride, RoutingSampler
+from zipmoe.bench.synth import build_synthetic
+from zipmoe.convert import convert
+from zipmoe.engine.metrics import EngineStats, StepClock
+from zipmoe.models.load import load, unload
+from zipmoe.store.aligned import aligned_buffer, open_direct, read_direct_into
+from zipmoe.store.reader import StoreReader
+from zipmoe.types import State
+
+
+def hook_routers(model: torch.nn.Module, override: RouterOverride) -> list:
+    """Replace each MoE router's top-k ids by the sampler's (weights stay the router's own)."""
+    handles = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp.gate") and hasattr(module, "top_k"):
+            layer = int(name.split("layers.")[1].split(".")[0])
+
+            def hook(mod, args, output, layer=layer):
+                logits, scores, _ = output
+                tokens = logits.shape[0]
+                ids = override.topk(layer, len(override.rows), tokens // len(override.rows))
+                return logits, scores, torch.from_numpy(ids).to(logits.device)
+
+            handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def disk_bandwidth(store: Path, chunk: int = 16 << 20, total: int = 1 << 30) -> float:
+    """O_DIRECT read bandwidth (B/s) of the store's data file, random chunk order."""
+    path = store / "experts.bin"
+    size = path.stat().st_size
+    fd, direct = open_direct(str(path))
+    try:
+        buf = aligned_buffer(chunk)
+        offsets = np.random.default_rng(0).permutation(max(1, size // chunk))[: max(1, total // chunk)]
+        t0 = time.perf_counter()
+        for i in offsets:
+            read_direct_into(fd, int(i) * chunk, min(chunk, size - int(i) * chunk), buf)
+        return len(offsets) * chunk / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+
+
+def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+    stats = getattr(model, "zipmoe_engine", None)
+    stats = stats.stats if stats is not None else EngineStats()
+    if not hasattr(model, "zipmoe_engine"):
+        clock = StepClock(stats)
+        model.register_forward_pre_hook(clock.pre, with_kwargs=True)
+        model.register_forward_hook(clock.post, with_kwargs=True)
+    before, n0 = stats.snapshot(), len(stats.step_s)
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(model.device)
+    override.begin(batch)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - t0
+    after, steps = stats.snapshot(), stats.step_s[n0:]
+    served = sum(after["hits"][k] - before["hits"][k] for k in after["hits"])
+    return {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "wall_s": wall,
+        "ttft_s": steps[0], "tpot_s": statistics.median(steps[1:]),
+        "tpot_p10_s": float(np.percentile(steps[1:], 10)), "tpot_p90_s": float(np.percentile(steps[1:], 90)),
+        "decode_tok_per_s": batch * (len(steps) - 1) / sum(steps[1:]),
+        "bytes_read": after["bytes_read"] - before["bytes_read"],
+        "decode_s": after["decode_s"] - before["decode_s"],
+        "stall_s": after["stall_s"] - before["stall_s"],
+        "layer_s": after["layer_s"] - before["layer_s"],
+        "hit_rate": {k: (after["hits"][k] - before["hits"][k]) / max(1, served) for k in after["hits"]},
+    }
+
+
+def run(args) -> dict:
+    work = Path(args.workdir)
+    hf = work / "hf"
+    if not (hf / "model.safetensors.index.json").exists():
+        build_synthetic(args.shape, hf, layers=args.layers, scale=args.scale, workers=args.workers + 1,
+                        progress=False)
+    stores = {"zipmoe": work / "store-huffman", "uncompressed-lru": work / "store-raw"}
+    timings = {}
+    for name, coder in (("zipmoe", "huffman"), ("uncompressed-lru", "raw")):
+        if not (stores[name] / "zipmoe.json").exists():
+            t0 = time.perf_counter()
+            convert(hf, stores[name], coder=coder, workers=args.workers + 1, progress=False)
+            timings[f"convert_{coder}_s"] = time.perf_counter() - t0
+    cfg = json.loads((hf / "config.json").read_text())
+    with StoreReader(stores["zipmoe"]) as r:
+        n_entries = len(r.entries)
+        numel = next(iter(r.entries.values())).numel
+        dense = sum(p.stat().st_size for p in r.dense_files())
+        stored = r.expert_bytes.stored
+    expert_bf16 = n_entries * numel * 2
+    bw = disk_bandwidth(stores["uncompressed-lru"])
+    result = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "experts": n_entries,
+              "expert_bf16_bytes": expert_bf16, "stored_expert_bytes": stored, "dense_bytes": dense,
+              "disk_bytes_per_s": bw, "workers": args.workers, "device": args.device, **timings, "runs": []}
+    sampler = RoutingSampler("qwen1.5-moe-a2.7b", cfg["num_experts"], cfg["num_experts_per_tok"],
+                             cfg["num_hidden_layers"], seed=args.seed)
+    override = RouterOverride(sampler)
+    staging = 8 * numel * 8 + (1 << 24)
+    for frac in args.budgets:
+        for name, store in stores.items():
+            budget = dense + staging + int(frac * expert_bf16)
+            caps = {State.F: int(frac * expert_bf16) // (2 * numel)} if name == "uncompressed-lru" else None
+            model = load(store, device=args.device, memory_budget=budget, workers=args.workers, capacities=caps)
+            hook_routers(model, override)
+            try:
+                for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
+                    m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
+                    m.update(system=name, budget_frac=frac, memory_budget=budget,
+                             io_bound_s=m["bytes_read"] / bw, decode_bound_s=m["decode_s"] / args.workers)
+                    result["runs"].append(m)
+                    print(json.dumps({k: v for k, v in m.items() if k != "hit_rate"}), m["hit_rate"], flush=True)
+            finally:
+                unload(model)
+    if args.device == "cuda":
+        ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda")
+        hook_routers(ref, override)
+        for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
+            m = measure(ref, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
+            m.update(system="transformers-all-on-gpu", budget_frac=1.0)
+            result["runs"].append(m)
+            print(json.dumps(m), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zipmoe bench engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--shape", default="qwen1.5-moe-a2.7b")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--scale", type=float, default=1.0, help="shrink hidden/intermediate sizes (quick runs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--big-batch", type=int, default=16)
+    p.add_argument("--big-batch-tokens", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    result = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Engine safety: corruption met during generation raises an error naming the chunk (never wrong
+numbers), and load/unload leaks no threads or file descriptors; budget accounting holds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from tests.tiny_models import build_tiny_checkpoint
+
+from zipmoe.convert import convert
+from zipmoe.errors import BudgetTooSmallError, ChecksumError
+from zipmoe.models.load import load, unload
+from zipmoe.store.reader import StoreReader
+from zipmoe.types import ExpertKey
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    ckpt = build_tiny_checkpoint("qwen3_moe", root / "hf", seed=5)
+    return convert(ckpt, root / "store", progress=False, workers=2)
+
+
+def _ids():
+    return torch.randint(3, 150, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_corrupt_chunk_during_generation_names_it(store, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    with StoreReader(bad) as r:
+        entry = r.entries[ExpertKey(1, 2)]
+        offset = entry.e_shards[0].offset + entry.e_shards[0].length // 2
+    with open(bad / "experts.bin", "r+b") as f:  # flip one byte inside layer 1 expert 2's first E-shard
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    model = load(bad, memory_budget=None, workers=2)  # opening checks the manifest, not every chunk
+    try:
+        ids = torch.full((1, 4), 5)
+        with pytest.raises(ChecksumError, match=r"layer 1 expert 2"):
+            for e in range(8):  # route until the corrupt expert is needed
+                model(input_ids=torch.cat([ids, torch.arange(e * 16, e * 16 + 16)[None] % 150], dim=1))
+                model(input_ids=_ids())
+    finally:
+        unload(model)
+
+
+def test_load_unload_leaks_no_threads_or_fds(store):
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    threads, files = threading.active_count(), fds()
+    for _ in range(3):
+        model = load(store, memory_budget=None, workers=3)
+        with torch.no_grad():
+            model(input_ids=_ids())
+        assert threading.active_count() >= threads + 4  # I/O thread + 3 workers are running
+        unload(model)
+        del model
+    assert threading.active_count() == threads
+    assert fds() == files
+
+
+def test_budget_too_small_names_the_minimum(store):
+    with pytest.raises(BudgetTooSmallError) as err:
+        load(store, memory_budget="64KiB")
+    assert err.value.minimum_bytes > 64 * 1024
+    assert "too small" in str(err.value)
