@@ -54,7 +54,7 @@ def disk_bandwidth(store: Path, chunk: int = 16 << 20, total: int = 1 << 30) -> 
     """O_DIRECT read bandwidth (B/s) of the store's data file, random chunk order."""
     path = store / "experts.bin"
     size = path.stat().st_size
-    fd, direct = open_direct(str(path))
+    fd, _direct = open_direct(str(path))
     try:
         buf = aligned_buffer(chunk)
         offsets = np.random.default_rng(0).permutation(max(1, size // chunk))[: max(1, total // chunk)]

@@ -10,6 +10,7 @@ N=weights of one expert, K=exponent shards, W=decode workers; sizes in bytes, ti
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from zipmoe.cache import ExpertCache
 from zipmoe.codec.coders.base import ExponentCoder
 from zipmoe.codec.merge import merge_into
 from zipmoe.engine.metrics import EngineStats
+from zipmoe.errors import ZipMoEError
 from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.schedule import schedule
 from zipmoe.scheduler.tasks import CostModel
@@ -110,6 +112,8 @@ class Engine:
     ):
         self.reader, self.cache, self.executor, self.coder = reader, cache, executor, coder
         self.costs, self.device, self.shapes = costs, device, shapes
+        if not math.isfinite(costs.merge_bytes_per_s):  # no merge step would be planned for E/MISS loads
+            raise ZipMoEError("the engine needs a finite merge rate in its cost model (E and MISS loads merge)")
         self.stats = EngineStats()
         self.read_bytes_per_s = read_bytes_per_s  # optional cap emulating a slower disk
         self._io_free_at = 0.0  # when the capped channel may start its next read
@@ -128,55 +132,45 @@ class Engine:
     def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield (expert, gate_up [2I,H], down [H,I]) for each needed expert as soon as it is ready."""
         t_layer = time.perf_counter()
-        stall = 0.0
         keys = [ExpertKey(layer, e) for e in needed]
         with self.cache.acquire(keys) as lease:
-            loads = []
+            hits, loads = [], []
             for key, state in zip(keys, lease.states, strict=True):
                 self.stats.hits[state.name] += 1
-                if state is not State.F:
-                    loads.append(_Load(key, state, self.reader.entries[key]))
+                (hits if state is State.F else loads).append(_Load(key, state, self.reader.entries[key]))
             n = self.staging.n
-            waves = [loads[i : i + n] for i in range(0, len(loads), n)]
-            running = self._start(waves[0]) if waves else None
-            try:
-                for key, state in zip(keys, lease.states, strict=True):
-                    if state is State.F:  # hits compute while the first wave's reads run
-                        yield (key.expert, *self._views(self.cache.f_view(key)))
-                for w in range(len(waves)):
-                    handle, by_key = running
-                    while True:
-                        t0 = time.perf_counter()
-                        key = next(handle, None)
-                        stall += time.perf_counter() - t0
-                        if key is None:
-                            break
-                        load = by_key[key]
-                        self._finish(load)
-                        yield key.expert, *self._views(load.out)
-                    self.stats.decode_s += handle.decode_busy_s
-                    running = self._start(waves[w + 1]) if w + 1 < len(waves) else None
-            finally:
-                if running is not None:  # error or early close: no op may touch buffers after this
-                    running[0].close()
-        self.stats.stall_s += stall
+            waves = [loads[i : i + n] for i in range(0, len(loads), n)] or [[]]
+            waves[0] = hits + waves[0]  # F hits ride in the first plan: computed while its reads run
+            for wave in waves:
+                run = self._start(wave)
+                by_key = {ld.key: ld for ld in wave}
+                for key in run:  # closing this generator early cancels and drains the run
+                    load = by_key[key]
+                    self._finish(load)
+                    yield key.expert, *self._views(load.out)
+                self.stats.decode_s += run.timings.decode_busy_s
+                self.stats.stall_s += run.timings.stall_s
         self.stats.layer_s += time.perf_counter() - t_layer
         self.stats.layers += 1
 
     # ---- one wave: claim slots, plan, run ----
 
-    def _start(self, wave: list[_Load]) -> tuple[Iterator[ExpertKey], dict[ExpertKey, _Load]]:
-        by_key = {}
-        for slot, load in enumerate(wave):
-            self._bind(load, slot)
-            by_key[load.key] = load
+    def _start(self, wave: list[_Load]):
+        """Bind buffers, plan the wave, and return the executor's run (it starts when iterated)."""
+        slot = 0
+        for load in wave:
+            if load.state is State.F:
+                load.out = self.cache.f_view(load.key)
+            else:
+                self._bind(load, slot)
+                slot += 1
         tasks = [
             self.costs.task(ld.key, ld.state, ld.entry.sm.length, ld.entry.e_length, ld.entry.numel,
                             len(ld.entry.e_shards))
             for ld in wave
         ]
         plan = schedule(tasks, self.executor.workers)
-        return self.executor.run(plan, LayerOps(self, by_key)), by_key
+        return self.executor.run(plan, LayerOps(self, {ld.key: ld for ld in wave}))
 
     def _bind(self, load: _Load, slot: int) -> None:
         """Point a load at its buffers: cache slots where the policy keeps a plane, else staging slot."""
@@ -208,6 +202,8 @@ class Engine:
 
     def _finish(self, load: _Load) -> None:
         """Weights are merged: move them to the device (CUDA) and make admitted slots visible."""
+        if load.state is State.F:
+            return
         if self._cuda:
             slot = load.slot
             load.out.view(torch.int16).copy_(self._host_out[slot], non_blocking=True)

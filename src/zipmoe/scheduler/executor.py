@@ -15,11 +15,11 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 from zipmoe.errors import ZipMoEError
-from zipmoe.scheduler.tasks import MERGE, DecodeStep, ExpertTimes, IoStep, Plan, PlanTimings, Plane
+from zipmoe.scheduler.tasks import MERGE, DecodeStep, ExpertTimes, IoStep, Plan, Plane, PlanTimings
 from zipmoe.types import ExpertKey
 
 _FAILED = -1  # ready-queue marker: look at _Run.error
@@ -33,7 +33,7 @@ class ExpertTaskError(ZipMoEError):
         self.key, self.stage = key, stage
 
 
-class ExpertOps(Protocol):
+class LayerOps(Protocol):
     """What the engine implements; each call fills caller-owned buffers for one expert."""
 
     def read_sm(self, key: ExpertKey) -> None: ...  # I/O thread: read the SM plane from disk
@@ -43,9 +43,10 @@ class ExpertOps(Protocol):
 
 
 class _Run:
-    """Shared state of one plan execution; every field below the lock is guarded by it."""
+    """Shared state of one plan execution. The counters, flags and timing lists are written under
+    `cond` by the I/O thread and the workers; `delivered` only by the caller's thread."""
 
-    def __init__(self, plan: Plan, ops: ExpertOps):
+    def __init__(self, plan: Plan, ops: LayerOps):
         self.plan, self.ops = plan, ops
         self.index = {t.key: e for e, t in enumerate(plan.tasks)}
         self.cond = threading.Condition(threading.Lock())
@@ -65,7 +66,7 @@ class _Run:
         self.io_busy = self.decode_busy = 0.0
         nan = math.nan
         self.io_start, self.io_end, self.dec_start = [nan] * n, [nan] * n, [nan] * n
-        self.dec_end, self.ready = [nan] * n, [nan] * n
+        self.dec_end, self.ready, self.delivered = [nan] * n, [nan] * n, [nan] * n
 
     def begin(self, e: int, need_e: bool) -> bool:
         """Wait until the step's inputs are in (a shard: E; a merge: all shards + SM); False if stopped."""
@@ -119,7 +120,8 @@ class _Run:
         with self.cond:
             self.in_flight -= 1
             self.io_busy += t1 - t0
-            self.io_start[e] = min(self.io_start[e], t0 - self.t0) if self.io_end[e] == self.io_end[e] else t0 - self.t0
+            if math.isnan(self.io_start[e]):  # an expert's reads run in order on this one thread
+                self.io_start[e] = t0 - self.t0
             self.io_end[e] = t1 - self.t0
             if step.plane == Plane.E:
                 self.e_in[e] = True
@@ -150,9 +152,10 @@ class _Run:
         with self.cond:
             self.in_flight -= 1
             self.decode_busy += t1 - t0
-            if not self.dec_start[e] <= t0 - self.t0:
+            if math.isnan(self.dec_start[e]) or t0 - self.t0 < self.dec_start[e]:
                 self.dec_start[e] = t0 - self.t0
-            self.dec_end[e] = max(t1 - self.t0, 0.0 if math.isnan(self.dec_end[e]) else self.dec_end[e])
+            if math.isnan(self.dec_end[e]) or t1 - self.t0 > self.dec_end[e]:
+                self.dec_end[e] = t1 - self.t0
             if step.shard == MERGE:
                 self.mark_ready(e, t1)
             else:
@@ -176,26 +179,65 @@ class _Run:
         raise ExpertTaskError(f"{stage} {key} failed: {type(exc).__name__}: {exc}", key, stage) from exc
 
 
-class LayerRun:
-    """One execution of a plan: iterate it to receive each expert as its weights become ready.
+class RunHandle:
+    """One running plan (started by Executor.run): iterate it on the compute thread to receive each
+    expert as its weights become ready. After the last expert, a failure, or close() (which cancels
+    what has not started and waits for in-flight ops, so no buffer is written afterwards),
+    `timings` holds what the run measured."""
 
-    Iterate to the end (or break / close(); the run is then cancelled and drained). `timings` is
-    set once the iteration is over, also after a failure.
-    """
-
-    def __init__(self, executor: Executor, plan: Plan, ops: ExpertOps):
-        self._executor, self._plan, self._ops = executor, plan, ops
+    def __init__(self, run: _Run):
+        self._run = run
+        self._delivered: list[int] = []
+        self._stall = 0.0
         self.timings: PlanTimings | None = None
 
-    def __iter__(self) -> Iterator[ExpertKey]:
-        return self._executor._execute(self, self._plan, self._ops)
+    @property
+    def io_busy_s(self) -> float:
+        """s the I/O thread has spent in reads so far."""
+        return self._run.io_busy
+
+    @property
+    def decode_busy_s(self) -> float:
+        """Summed s the workers have spent in decode_shard / merge so far."""
+        return self._run.decode_busy
+
+    def __iter__(self) -> RunHandle:
+        return self
+
+    def __next__(self) -> ExpertKey:
+        run = self._run
+        if len(self._delivered) == len(run.plan.tasks) or self.timings is not None:
+            self.close()
+            raise StopIteration
+        t0 = time.perf_counter()
+        e = run.ready_q.get()
+        self._stall += time.perf_counter() - t0
+        if e == _FAILED:
+            self.close()
+            run.raise_error()
+        self._delivered.append(e)
+        run.delivered[e] = time.perf_counter() - run.t0
+        return run.plan.tasks[e].key
+
+    def close(self) -> None:
+        """Cancel and drain (a no-op once finished); idempotent."""
+        if self.timings is None:
+            self._run.drain()
+            self.timings = _timings(self._run, self._delivered, self._stall)
+
+    def __enter__(self) -> RunHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Executor:
     """Owns the threads that load experts: one I/O thread ("zipmoe-io") that performs every read of a
     plan, and `workers` decode threads ("zipmoe-decode-i") that take decode/merge steps from one FIFO.
-    The compute stream is the caller's thread. Threads are created once and reused for every layer;
-    close() (or leaving the `with` block) stops and joins them all. One run at a time."""
+    The compute stream is the caller's thread, which iterates the RunHandle. Threads are created once
+    and reused for every layer; close() (or leaving the `with` block) stops and joins them all.
+    Runs are served in the order they were started."""
 
     def __init__(self, workers: int):
         if workers < 1:
@@ -203,7 +245,6 @@ class Executor:
         self.workers = workers
         self._io_q: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
         self._step_q: queue.SimpleQueue[tuple[_Run, DecodeStep] | None] = queue.SimpleQueue()
-        self._busy = threading.Lock()  # held while a run is in progress
         self._closed = False
         self._threads = [threading.Thread(target=self._io_loop, name="zipmoe-io", daemon=True)]
         self._threads += [threading.Thread(target=self._worker_loop, name=f"zipmoe-decode-{i}", daemon=True)
@@ -221,57 +262,32 @@ class Executor:
         while (item := self._step_q.get()) is not None:
             item[0].step(item[1])
 
-    def run(self, plan: Plan, ops: ExpertOps) -> LayerRun:
-        """Execute `plan` when iterated: `for key in (r := ex.run(plan, ops)): compute(key)`; r.timings."""
+    def run(self, plan: Plan, ops: LayerOps) -> RunHandle:
+        """Start `plan` now (reads and decodes begin at once); iterate the handle for ready experts."""
         if self._closed:
-            raise ZipMoEError("executor is closed; create a new Executor")
-        return LayerRun(self, plan, ops)
-
-    def run_all(self, plan: Plan, ops: ExpertOps, on_ready: Callable[[ExpertKey], None]) -> PlanTimings:
-        """Callback form of run(): calls on_ready(key) on this thread as each expert becomes ready."""
-        layer = self.run(plan, ops)
-        for key in layer:
-            on_ready(key)
-        assert layer.timings is not None
-        return layer.timings
-
-    def _execute(self, layer: LayerRun, plan: Plan, ops: ExpertOps) -> Iterator[ExpertKey]:
-        if self._closed:
-            raise ZipMoEError("executor is closed; create a new Executor")
-        if not self._busy.acquire(blocking=False):
-            raise ZipMoEError("executor is already running a plan; finish that iteration first")
-        try:
-            run = _Run(plan, ops)
-            yield from self._drive(layer, run)
-        finally:
-            self._busy.release()
-
-    def _drive(self, layer: LayerRun, run: _Run) -> Iterator[ExpertKey]:
-        delivered: list[int] = []
-        stall = 0.0
-        try:
-            for e, t in enumerate(run.plan.tasks):
-                if not t.decodes and not t.reads_sm and not t.reads_e:
+            raise ZipMoEError("executor is closed (the model was unloaded); create a new Executor")
+        _check(plan)
+        run = _Run(plan, ops)
+        with run.cond:
+            for e, t in enumerate(plan.tasks):
+                if not (t.decodes or t.reads_sm or t.reads_e):
                     run.mark_ready(e, run.t0)  # F: ready at once
-            if run.plan.io_queue:
-                self._io_q.put(run)
-            for step in run.plan.decode_queue:
-                self._step_q.put((run, step))
-            while len(delivered) < len(run.plan.tasks):
-                t0 = time.perf_counter()
-                e = run.ready_q.get()
-                stall += time.perf_counter() - t0
-                if e == _FAILED:
-                    run.drain()
-                    run.raise_error()
-                delivered.append(e)
-                yield run.plan.tasks[e].key
-        finally:
-            run.drain()  # cancelled by the caller (break, exception) or done: no op may still run
-            layer.timings = _timings(run, delivered, stall)
+        if plan.io_queue:
+            self._io_q.put(run)
+        for step in plan.decode_queue:
+            self._step_q.put((run, step))
+        return RunHandle(run)
+
+    def run_all(self, plan: Plan, ops: LayerOps, on_ready: Callable[[ExpertKey], None]) -> PlanTimings:
+        """Callback form of run(): calls on_ready(key) on this thread as each expert becomes ready."""
+        with self.run(plan, ops) as handle:
+            for key in handle:
+                on_ready(key)
+        assert handle.timings is not None
+        return handle.timings
 
     def close(self) -> None:
-        """Stop and join every thread (idempotent)."""
+        """Stop and join every thread (idempotent). Runs still queued are not executed."""
         if self._closed:
             return
         self._closed = True
@@ -288,11 +304,30 @@ class Executor:
         self.close()
 
 
+def _check(plan: Plan) -> None:
+    """Reject queues that would deadlock or skip work: each step once, shards before their merge."""
+    index = {t.key: e for e, t in enumerate(plan.tasks)}
+    if len(index) != len(plan.tasks):
+        raise ZipMoEError("plan names the same expert twice")
+    shards_seen = [0] * len(plan.tasks)
+    merged = [False] * len(plan.tasks)
+    for s in plan.decode_queue:
+        e = index.get(s.key)
+        if e is None or merged[e] or not plan.tasks[e].decodes or not -1 <= s.shard < plan.tasks[e].k:
+            raise ZipMoEError(f"plan's decode_queue has a bad step {s} (unknown expert, or after its merge)")
+        if s.shard == MERGE:
+            merged[e] = True
+        else:
+            shards_seen[e] += 1
+    reads = [(index.get(s.key), s.plane) for s in plan.io_queue]
+    want = [(e, p) for e, t in enumerate(plan.tasks) for p, on in ((Plane.E, t.reads_e), (Plane.SM, t.reads_sm)) if on]
+    if sorted(reads, key=str) != sorted(want, key=str) or any(
+            shards_seen[e] != (t.k if t.decodes else 0) for e, t in enumerate(plan.tasks)):
+        raise ZipMoEError("plan's queues must list every read and every shard of its tasks exactly once")
+
+
 def _timings(run: _Run, delivered: list[int], stall: float) -> PlanTimings:
-    wall = time.perf_counter() - run.t0
-    got = {e: n for n, e in enumerate(delivered)}
     experts = tuple(
         ExpertTimes(run.plan.tasks[e].key, run.io_start[e], run.io_end[e], run.dec_start[e], run.dec_end[e],
-                    run.ready[e], math.nan, math.nan) for e in delivered)
-    del got
-    return PlanTimings(wall, run.io_busy, run.decode_busy, stall, experts)
+                    run.ready[e], run.delivered[e], math.nan) for e in delivered)
+    return PlanTimings(time.perf_counter() - run.t0, run.io_busy, run.decode_busy, stall, experts)

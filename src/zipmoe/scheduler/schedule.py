@@ -133,7 +133,7 @@ def _improve(jobs: list[Job], workers: int, seqs: list[list[int]], best: float, 
                 for to in range(i - 1, -1, -1):
                     if seq[to] in preds:
                         break  # cannot pass its own predecessor
-                    cand = seq[:to] + [seq[i]] + seq[to:i] + seq[i + 1:]
+                    cand = [*seq[:to], seq[i], *seq[to:i], *seq[i + 1:]]
                     trial = [cand, seqs[1]] if which == 0 else [seqs[0], cand]
                     span = run_queue(jobs, workers, trial[0], trial[1], ranks).makespan
                     budget -= 1
