@@ -234,3 +234,15 @@ def test_memoised_plans_are_relabelled_for_other_experts() -> None:
 def test_scheduler_is_pure() -> None:
     code = "import sys, zipmoe.scheduler.schedule; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_near_identical_layers_reuse_the_search_with_exact_times() -> None:
+    base = [ExpertTask(k(e), s, 0.5 * (s == State.E), 0.2 * (s == State.S), 1, 0.1, 0.3, 2)
+            for e, s in enumerate([State.E, State.S, State.C, State.S])]
+    near = [ExpertTask(ExpertKey(1, e), t.state, t.read_sm_s, t.read_e_s * (1 + 1e-5 * e), t.decode_s, t.merge_s,
+                       t.compute_s, t.k) for e, t in enumerate(base)]
+    schedule(base, 2)
+    plan = schedule(near, 2)
+    assert plan.makespan_s == pytest.approx(simulate(plan, near, 2), rel=0, abs=0)  # exact, not the template's
+    assert plan.lower_bound_s == lower_bound(near, 2)
+    assert plan.makespan_s >= plan.lower_bound_s

@@ -13,8 +13,11 @@ O_DIRECT disk bandwidth, and decode work ÷ workers.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -133,7 +136,16 @@ def run(args) -> dict:
             hook_routers(model, override)
             try:
                 for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
+                    profiler = cProfile.Profile() if args.profile and batch == 1 else None
+                    if profiler:
+                        profiler.enable()
                     m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
+                    if profiler:
+                        profiler.disable()
+                        out = io.StringIO()
+                        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
+                        Path(args.profile).mkdir(parents=True, exist_ok=True)
+                        (Path(args.profile) / f"profile-{name}-{frac}.txt").write_text(out.getvalue())
                     m.update(system=name, budget_frac=frac, memory_budget=budget,
                              io_bound_s=m["bytes_read"] / bw, decode_bound_s=m["decode_s"] / args.workers)
                     result["runs"].append(m)
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-batch-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, help="directory for cProfile reports of the batch-1 runs")
     args = p.parse_args(argv)
     result = run(args)
     if args.json:

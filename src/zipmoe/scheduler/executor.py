@@ -1,7 +1,7 @@
 """Runs a Plan: one I/O thread reads planes, W decode workers decode shards and merge, and the
 caller's thread (the compute stream) receives each expert as soon as its weights are ready.
 
-Arrow: Plan + ExpertOps (engine) ──Executor.run──▶ ready ExpertKeys (to compute) + PlanTimings.
+Arrow: Plan + LayerOps (engine) ──Executor.run──▶ ready ExpertKeys (to compute) + PlanTimings.
 Semantics are the queue semantics of scheduler/sim.py, so `Plan.makespan_s` predicts this run:
 reads back to back in io_queue order; each free worker takes the next decode_queue step and waits
 (on a condition, no polling) until its inputs are in; experts are handed over in ready order.

@@ -1,38 +1,44 @@
 """Cache-affinity scheduling: a layer's expert tasks → Plan. Pure: no torch, no threads, no I/O.
 
 Arrow: (ExpertTask per needed expert, W) ──schedule()──▶ Plan ──▶ executor. Runs on the caller's
-thread once per MoE layer call.
+thread once per MoE layer call (memoised per combination of task times).
 
 The model (precisely in scheduler/model.py): one serial I/O channel, W identical decode workers, one
-serial compute stream; per expert read_e → k shard decodes → merge → compute, read_sm → merge.
-A plan fixes two things, exactly what the executor obeys:
-  * the I/O queue: reads run back to back in this order (they have no predecessors, so the channel
-    never idles);
-  * a decode priority over experts: a worker that becomes free takes the released job of highest
-    priority (merges before shards, then by expert rank) — a non-delay list schedule;
-and compute takes experts in the order they become ready (earliest ready first; ties by rank).
-`simulate` evaluates such a pair under the model; `lower_bound` and `exact.brute_force_optimum` judge it.
+serial compute stream; per expert read_e → k shard decodes → merge → compute, and read_sm → merge.
+A plan fixes exactly what the executor obeys (queue semantics, scheduler/sim.py):
+  * io_queue: reads back to back in this order (they have no predecessors: the channel never idles);
+  * decode_queue: one FIFO of shard and merge steps; a free worker takes the next step and waits
+    for its inputs, so a plan can idle a worker on purpose for an urgent step;
+  * compute takes experts earliest-ready first (optimal for the last stage).
+Some pair of queues reaches the model's optimum, so the plan space loses nothing.
 
 The algorithm (the paper's idea, made concrete):
   * Type-I work (reads) is ordered by Johnson's rule on (read time, work that must follow the read):
     experts whose downstream work exceeds their read go first, shortest read first, so decoding and
-    compute start early; then the rest by decreasing downstream work — once the pipeline is
-    compute-bound the remaining reads are closed in a block that keeps the compute stream fed.
-    Variants: heaviest-first (LPT), shortest-read-first, and E reads hoisted before SM reads.
-  * Type-II work (C / E shards, released at once) fills the workers while reads run; priority
-    variants: the I/O order, heaviest chain first (LPT), Type-II first.
-  * Each candidate pair is simulated (O(J log J)); the plan is the best. The (3 − 1/W)·optimum
-    bound is property-tested against the exact optimum (tests/scheduler); `Plan.certified_ratio`
-    (makespan / lower bound) bounds the ratio to the optimum for every plan at run time.
+    compute start early; then the rest by decreasing downstream work — the block where the pipeline
+    is compute-bound is closed by feeding compute its largest remaining work first. Variants:
+    Johnson on (read + decode, decode + compute), heaviest first (LPT), shortest read first, and
+    E reads hoisted before SM reads.
+  * Type-II work (C / E shards, released at once) fills the workers while reads run. Worker
+    priorities: read order with Type-II heaviest-first before it, LPT, Johnson on (decode, compute),
+    Johnson on (read + decode, decode + compute), Type-II first. Each priority yields two queues:
+    the start order of a non-delay list schedule, and the strict priority order.
+  * Every candidate is simulated (O(J log J)); the best is polished by a bounded first-improvement
+    local search (move one read or one step earlier). Stops at once when a plan meets the lower
+    bound (provably optimal). `Plan.certified_ratio` (makespan / lower bound) bounds the ratio to
+    the optimum of every plan at run time.
+  * The paper's (3 − 1/W)·OPT guarantee is property-tested against the exact optimum
+    (exact.brute_force_optimum) on thousands of small instances in tests/scheduler; it is not
+    proven for this algorithm (see the module notes in exact.py for how the oracle is exact).
 
-# E=experts K=shards W=workers; times in s
+# E=experts K=shards W=workers J=jobs; times in s
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from zipmoe.errors import ZipMoEError
 from zipmoe.scheduler.exact import brute_force_optimum
@@ -104,21 +110,26 @@ def _ranks(tasks: Sequence[ExpertTask], io: list[IoStep], workers: int) -> list[
     return out
 
 
-def _candidates(tasks: Sequence[ExpertTask], jobs: list[Job], workers: int):
+_SMALL = 64  # jobs; larger layers get the 2 x 3 main candidates and a local search budget scaled by 64 / J
+
+
+def _candidates(tasks: Sequence[ExpertTask], jobs: list[Job], workers: int
+                ) -> Iterator[tuple[list[int], list[int], list[IoStep]]]:
     """(io job order, worker job order, io steps) of every heuristic candidate."""
     worker_jobs = [j for j in jobs if j.res == Res.WORKER]
-    for io in _io_orders(tasks, workers):
-        io_seq = [j for j in (_io_job(jobs, tasks, s) for s in io) if j is not None]
-        for rank in _ranks(tasks, io, workers):
+    io_of = {(j.expert, j.kind): j.id for j in jobs if j.res == Res.IO}
+    index = {t.key: e for e, t in enumerate(tasks)}
+    small = len(jobs) <= _SMALL
+    for io in _io_orders(tasks, workers)[: None if small else 2]:
+        io_seq = [j for j in (io_of.get((index[s.key], _KIND[s.plane])) for s in io) if j is not None]
+        for rank in _ranks(tasks, io, workers)[: None if small else 3]:
             prio = [(0 if j.kind == Kind.MERGE else 1, rank[j.expert], j.shard) for j in jobs]
             yield io_seq, run_list(jobs, workers, io_seq, prio), io
             strict = sorted(worker_jobs, key=lambda j: (rank[j.expert], j.kind, j.shard))
             yield io_seq, [j.id for j in strict], io
 
 
-def _io_job(jobs: list[Job], tasks: Sequence[ExpertTask], step: IoStep) -> int | None:
-    kind = Kind.READ_E if step.plane == Plane.E else Kind.READ_SM
-    return next((j.id for j in jobs if tasks[j.expert].key == step.key and j.kind == kind), None)
+_KIND = {Plane.E: Kind.READ_E, Plane.SM: Kind.READ_SM}
 
 
 def _improve(jobs: list[Job], workers: int, seqs: list[list[int]], best: float, budget: int) -> float:
@@ -149,30 +160,50 @@ def _improve(jobs: list[Job], workers: int, seqs: list[list[int]], best: float, 
     return best
 
 
-_MEMO: dict[tuple, Plan] = {}  # canonical instance -> plan on placeholder keys (experts share shapes)
+_MEMO: dict[tuple, tuple[Plan, tuple]] = {}  # rounded instance -> (plan on placeholder keys, exact instance)
 _MEMO_MAX = 4096
 
 
-def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 128) -> Plan:
+def _rounded(x: float) -> float:
+    return float(f"{x:.3g}")  # 3 significant digits: compressed sizes vary a little from expert to expert
+
+
+def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 64) -> Plan:
     """The plan for one layer: the best simulated candidate of the cache-affinity heuristics, then at
     most `effort` local-search simulations (0: candidates only). Stops early at a provably optimal
-    plan (makespan == lower bound). Plans are memoised by the tasks' times, so a layer whose experts
-    share shapes pays the search once per combination of states."""
+    plan (makespan == lower bound). The decisions are memoised by the tasks' times to 3 significant
+    digits, so a layer whose experts share shapes pays the search once per combination of states;
+    a near match is re-simulated with the exact times (predicted times are always exact)."""
     if workers < 1:
         raise ZipMoEError(f"workers must be >= 1, got {workers}")
     if len({t.key for t in tasks}) != len(tasks):
         raise ZipMoEError("tasks name the same expert twice; give each needed expert once")
     sig = [(t.state, t.read_sm_s, t.read_e_s, t.decode_s, t.merge_s, t.compute_s, t.k) for t in tasks]
-    perm = sorted(range(len(tasks)), key=lambda e: sig[e])
-    memo_key = (workers, effort, tuple(sig[e] for e in perm))
-    template = _MEMO.get(memo_key)
-    if template is None:
+    rounded = [(s[0], *map(_rounded, s[1:6]), s[6]) for s in sig]
+    perm = sorted(range(len(tasks)), key=lambda e: (rounded[e], sig[e]))
+    memo_key = (workers, effort, tuple(rounded[e] for e in perm))
+    exact = tuple(sig[e] for e in perm)
+    hit = _MEMO.get(memo_key)
+    if hit is None:
         canonical = [dataclasses.replace(tasks[e], key=ExpertKey(-1, n)) for n, e in enumerate(perm)]
-        template = _search(canonical, workers, effort)
+        hit = (_search(canonical, workers, effort), exact)
         if len(_MEMO) >= _MEMO_MAX:
             _MEMO.clear()
-        _MEMO[memo_key] = template
-    return _relabel(template, tasks, [tasks[e].key for e in perm])
+        _MEMO[memo_key] = hit
+    plan = _relabel(hit[0], tasks, [tasks[e].key for e in perm])
+    return plan if hit[1] == exact else _resimulate(plan)
+
+
+def _resimulate(plan: Plan) -> Plan:
+    """The same queues with the predicted timeline recomputed for the plan's own task times."""
+    tasks, order = plan.tasks, range(len(plan.tasks))
+    jobs = build_jobs(tasks)
+    io_seq, wk_seq = resolve(tasks, jobs, Order(plan.io_queue, plan.decode_queue))
+    tl = run_queue(jobs, plan.workers, io_seq, wk_seq, order)
+    times = _expert_times(tasks, jobs, tl)
+    compute_order = tuple(tasks[e].key for e in sorted(order, key=lambda e: (times[e].ready, e)))
+    return dataclasses.replace(plan, compute_order=compute_order, predicted=tuple(times), makespan_s=tl.makespan,
+                               lower_bound_s=lower_bound(tasks, plan.workers))
 
 
 def _relabel(template: Plan, tasks: Sequence[ExpertTask], keys: list[ExpertKey]) -> Plan:
@@ -210,10 +241,11 @@ def _search(tasks: Sequence[ExpertTask], workers: int, effort: int) -> Plan:
     seqs = [list(best[1]), list(best[2])]
     makespan = best[0]
     if effort > 0 and makespan > bound * (1 + 1e-9):
-        makespan = _improve(jobs, workers, seqs, makespan, effort)
-    with_job = [s for s in best[3] if _io_job(jobs, tasks, s) is not None]
-    io_of = dict(zip(best[1], with_job, strict=True))
-    io = [io_of[j] for j in seqs[0]] + [s for s in best[3] if _io_job(jobs, tasks, s) is None]
+        makespan = _improve(jobs, workers, seqs, makespan, effort * min(len(jobs), _SMALL) // len(jobs))
+    io_id = {(j.expert, j.kind): j.id for j in jobs if j.res == Res.IO}
+    index = {t.key: e for e, t in enumerate(tasks)}
+    step_of = {io_id[(index[s.key], _KIND[s.plane])]: s for s in best[3] if (index[s.key], _KIND[s.plane]) in io_id}
+    io = [step_of[j] for j in seqs[0]] + [s for s in best[3] if (index[s.key], _KIND[s.plane]) not in io_id]
     times = _expert_times(tasks, jobs, run_queue(jobs, workers, seqs[0], seqs[1], order))
     compute_order = tuple(tasks[e].key for e in sorted(order, key=lambda e: (times[e].ready, e)))
     plan = Plan(tuple(tasks), workers, tuple(io), steps_of(jobs, tasks, seqs[1]), compute_order, tuple(times),
