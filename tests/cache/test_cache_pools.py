@@ -21,6 +21,8 @@ def test_default_split_all_f_when_everything_fits() -> None:
 
 def test_default_split_gives_c_the_bulk_and_f_the_rest() -> None:
     caps = default_capacities(10_000, 1000, 300, n_experts=100, align=1)  # F 2000 B, C 1300 B per entry
+    assert caps == {F: 0, C: 7, S: 0, E: 0}  # C: 10000 // 1300 = 7 entries; F: (10000 - 9100) // 2000
+    caps = default_capacities(10_000, 1000, 300, n_experts=100, f_share=0.25, align=1)
     assert caps == {F: 1, C: 5, S: 0, E: 0}  # C: 7500 // 1300 = 5 entries; F: (10000 - 6500) // 2000
     caps = default_capacities(13_000 + 4000, 1000, 300, n_experts=10, align=1)
     assert caps[C] == 10 and caps[F] == 2  # every expert fits in C: the leftover goes to F

@@ -194,6 +194,8 @@ def test_cost_model_prices_each_state() -> None:
     assert s.read_e_s == pytest.approx(1e-4 + e / 2e9) and s.read_sm_s == 0
     assert ee.read_sm_s == pytest.approx(1e-4 + sm / 2e9) and ee.read_e_s == 0
     assert miss.read_sm_s > 0 and miss.read_e_s > 0 and miss.compute_s == 0.002
+    fused = cm.task(k(0), State.C, sm, e, n, 3, fused=True)
+    assert fused.merge_s == 0 and all(s.shard != MERGE for s in schedule([fused], 2).decode_queue)
 
 
 def test_bad_input_raises_zipmoe_errors() -> None:

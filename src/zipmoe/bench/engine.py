@@ -135,6 +135,7 @@ def run(args) -> dict:
             model = load(store, device=args.device, memory_budget=budget, workers=args.workers, capacities=caps)
             hook_routers(model, override)
             try:
+                measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up: CUDA, kernels
                 for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
                     profiler = cProfile.Profile() if args.profile and batch == 1 else None
                     if profiler:
@@ -155,6 +156,7 @@ def run(args) -> dict:
     if args.device == "cuda":
         ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda")
         hook_routers(ref, override)
+        measure(ref, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up, as for the others
         for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
             m = measure(ref, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
             m.update(system="transformers-all-on-gpu", budget_frac=1.0)

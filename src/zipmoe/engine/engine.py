@@ -166,7 +166,7 @@ class Engine:
                 slot += 1
         tasks = [
             self.costs.task(ld.key, ld.state, ld.entry.sm.length, ld.entry.e_length, ld.entry.numel,
-                            len(ld.entry.e_shards))
+                            len(ld.entry.e_shards), fused=ld.fused)
             for ld in wave
         ]
         plan = schedule(tasks, self.executor.workers)
@@ -234,6 +234,26 @@ class Engine:
         else:
             self.stats.e_bytes_read += nbytes
         return out
+
+    def warmup(self) -> None:
+        """Compile the decode kernels and touch the staging buffers before the first request.
+
+        numba compiles lazily; without this the first layer of the first request pays the JIT
+        (seconds) while every worker waits on it. Decodes one real expert into staging slot 0.
+        """
+        entry = next(iter(self.reader.entries.values()))
+        load = _Load(entry.key, State.MISS, entry)
+        st = self.staging
+        load.sm = self.reader.read_sm_into(entry, st.sm.views[0])
+        load.shards = self.reader.read_e_into(entry, st.e.views[0])
+        load.exp = st.exp.views[0][: entry.numel]
+        load.out_u16 = self._host_out[0].numpy().view(np.uint16) if self._cuda else st.full.u16[0]
+        ops = LayerOps(self, {entry.key: load})
+        for shard in range(len(entry.e_shards)):
+            ops.decode_shard(entry.key, shard)
+        ops.merge(entry.key)
+        load.fused = True
+        ops.decode_shard(entry.key, 0)
 
     def close(self) -> None:
         """Join threads and give back every buffer and file; the model cannot run afterwards."""

@@ -12,6 +12,7 @@ Pure numpy; runs on whichever thread plans.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,8 +47,8 @@ def split_bounds(sizes: Sequence[int], num_ranks: int) -> list[tuple[int, int]]:
     """Contiguous ranges for pools of `sizes` ranks in order, plus the rest (the miss range) last."""
     if any(s < 0 for s in sizes) or sum(sizes) > num_ranks:
         raise ZipMoEError(f"pool sizes {list(sizes)} must be >= 0 and cover at most {num_ranks} ranks")
-    edges = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)] + [(int(edges[-1]), num_ranks)]
+    edges = [int(x) for x in itertools.accumulate(sizes, initial=0)]
+    return [*itertools.pairwise(edges), (edges[-1], num_ranks)]
 
 
 def joint_hits(

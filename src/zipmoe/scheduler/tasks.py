@@ -85,8 +85,13 @@ class CostModel:
         if not all(r > 0 for r in rates) or self.disk_latency_s < 0 or self.compute_s < 0:
             raise ZipMoEError(f"cost model needs positive rates and non-negative times, got {self}")
 
-    def task(self, key: ExpertKey, state: State, sm_bytes: int, e_bytes: int, numel: int, k: int) -> ExpertTask:
-        """Price one expert held in `state`; sm_bytes/e_bytes are stored plane sizes, numel its weights."""
+    def task(self, key: ExpertKey, state: State, sm_bytes: int, e_bytes: int, numel: int, k: int,
+             fused: bool = False) -> ExpertTask:
+        """Price one expert held in `state`; sm_bytes/e_bytes are stored plane sizes, numel its weights.
+
+        fused=True: decode_shard merges in place (SM already in memory), so merge_s = 0, the plan has no
+        merge step and the expert is ready when its last shard lands.
+        """
         read_sm = self.disk_latency_s + sm_bytes / self.disk_bytes_per_s if state in (State.E, State.MISS) else 0.0
         read_e = self.disk_latency_s + e_bytes / self.disk_bytes_per_s if state in (State.S, State.MISS) else 0.0
         decoded = state != State.F
@@ -96,7 +101,7 @@ class CostModel:
             read_sm_s=read_sm,
             read_e_s=read_e,
             decode_s=numel / self.decode_bytes_per_s if decoded else 0.0,
-            merge_s=2 * numel / self.merge_bytes_per_s if decoded else 0.0,
+            merge_s=2 * numel / self.merge_bytes_per_s if decoded and not fused else 0.0,
             compute_s=self.compute_s,
             k=k if decoded else 0,
         )

@@ -1,0 +1,36 @@
+"""The systems `zipmoe bench e2e` compares, one module each, behind one interface (base.HFSystem).
+
+    system = make_system("zipmoe")            # zipmoe | uncompressed | accelerate | transformers
+    system.unavailable()                      # reason it cannot run here, or None  (llama.cpp, dfloat11)
+    system.prepare(setup, budget)             # load under the budget, hook the calibrated routing
+    record = system.run(prompts, new_tokens)  # one left-padded batch -> metrics record
+    system.close()
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from zipmoe.bench.baselines.base import Budget, HFSystem, Setup, hook_routers, routers
+from zipmoe.errors import ZipMoEError
+
+# --systems name -> (module, class); imported lazily (accelerate and friends are heavy)
+SYSTEMS: dict[str, tuple[str, str]] = {
+    "zipmoe": ("zipmoe.bench.baselines.zipmoe_engine", "ZipMoESystem"),
+    "uncompressed": ("zipmoe.bench.baselines.uncompressed", "UncompressedSystem"),
+    "accelerate": ("zipmoe.bench.baselines.accelerate_offload", "AccelerateSystem"),
+    "transformers": ("zipmoe.bench.baselines.transformers_ref", "TransformersSystem"),
+    "llama.cpp": ("zipmoe.bench.baselines.optional", "LlamaCppSystem"),
+    "dfloat11": ("zipmoe.bench.baselines.optional", "DFloat11System"),
+}
+
+
+def make_system(name: str) -> HFSystem:
+    """A fresh system object by its --systems name."""
+    if name not in SYSTEMS:
+        raise ZipMoEError(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}")
+    module, cls = SYSTEMS[name]
+    return getattr(importlib.import_module(module), cls)()
+
+
+__all__ = ["SYSTEMS", "Budget", "HFSystem", "Setup", "hook_routers", "make_system", "routers"]

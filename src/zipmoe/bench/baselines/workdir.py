@@ -1,0 +1,151 @@
+"""The inputs every system shares, prepared once per workdir: checkpoint, stores, disk bandwidth.
+
+bench stage, step 1 of `zipmoe bench e2e` (resumable: each artefact is reused when complete and
+rebuilt when a killed call left it partial): hf/ (synthetic HF checkpoint, index written last),
+store-huffman/ and store-raw/ (manifest written last), setup.json (measured O_DIRECT bandwidth).
+Also the provenance every run JSON carries: machine and commit. Sizes in bytes, times in s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zipmoe.bench.baselines.base import Setup
+from zipmoe.bench.baselines.zipmoe_engine import store_geometry
+from zipmoe.bench.synth import build_synthetic, scaled_config, tensor_table
+from zipmoe.convert import convert
+from zipmoe.errors import ZipMoEError
+from zipmoe.models.load import default_workers
+from zipmoe.store.aligned import aligned_buffer, open_direct, read_direct_into
+
+PROFILES = {"deepseek-v2-lite": "deepseek-v2-lite"}  # shape -> routing profile (default: Qwen1.5-MoE's)
+
+
+def save_json(path: Path, doc: Any) -> None:
+    """Write atomically (a killed call never leaves half a JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+def disk_bandwidth(data_file: Path, chunk: int = 16 << 20, total: int = 1 << 30) -> float:
+    """O_DIRECT read bandwidth (B/s) of a file, whole chunks in random order (≤ total bytes)."""
+    size = data_file.stat().st_size
+    fd, _direct = open_direct(str(data_file))
+    try:
+        chunk = min(chunk, max(4096, size // 4096 * 4096))
+        buf = aligned_buffer(chunk)
+        offsets = np.random.default_rng(0).permutation(max(1, size // chunk))[: max(1, total // chunk)]
+        t0 = time.perf_counter()
+        for i in offsets:
+            read_direct_into(fd, int(i) * chunk, min(chunk, size - int(i) * chunk), buf)
+        return len(offsets) * chunk / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+
+
+def _checkpoint(args: Any, hf: Path) -> None:
+    want = {"shape": args.shape, "layers": args.layers, "scale": args.scale, "seed": args.model_seed}
+    if (hf / "model.safetensors.index.json").exists():
+        have = json.loads((hf / "synthetic.json").read_text())
+        if any(have.get(k) != v for k, v in want.items()):
+            raise ZipMoEError(f"{hf} holds a {({k: have.get(k) for k in want})} model, not {want}: "
+                              "use another --workdir for another model")
+        return
+    shutil.rmtree(hf, ignore_errors=True)  # a killed build: start over
+    cfg = scaled_config(args.shape, layers=args.layers, scale=args.scale)
+    total = sum(s.nbytes for s in tensor_table(cfg))
+    hf.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(hf.parent).free
+    if free < 2.7 * total:  # checkpoint + Huffman store (0.7) + raw store (1.0)
+        raise ZipMoEError(f"{args.shape} with layers={args.layers} scale={args.scale} needs ~{2.7 * total / 1e9:.1f} "
+                          f"GB in {hf.parent} (checkpoint + two stores), {free / 1e9:.1f} GB free: use --layers")
+    build_synthetic(args.shape, hf, layers=args.layers, scale=args.scale, seed=args.model_seed,
+                    workers=args.workers_total, progress=False)
+
+
+def _store(hf: Path, dest: Path, coder: str, workers: int) -> None:
+    if not (dest / "zipmoe.json").exists():
+        convert(hf, dest, coder=coder, workers=workers, overwrite=dest.exists(), progress=False)
+
+
+def prepare_workdir(args: Any, need_raw: bool) -> tuple[Setup, dict[str, Any]]:
+    """Build/convert/measure what is missing; the Setup for every system and the model facts."""
+    work = Path(args.workdir)
+    args.workers_total = (args.workers or default_workers()) + 1
+    hf = work / "hf"
+    _checkpoint(args, hf)
+    stores = {"huffman": work / "store-huffman"}
+    if need_raw:
+        stores["raw"] = work / "store-raw"
+    for coder, dest in stores.items():
+        _store(hf, dest, coder, args.workers_total)
+    geos = {c: store_geometry(d, args.device) for c, d in stores.items()}
+    geometry = {**geos["huffman"], "staging": max(g["staging"] for g in geos.values())}
+    setup_file = work / "setup.json"
+    measured = json.loads(setup_file.read_text()) if setup_file.exists() else {}
+    if "disk_bytes_per_s" not in measured:
+        measured["disk_bytes_per_s"] = disk_bandwidth(max(stores.values(), key=lambda d: (d / "experts.bin")
+                                                          .stat().st_size) / "experts.bin")
+        save_json(setup_file, measured)
+    cfg = json.loads((hf / "config.json").read_text())
+    eos = cfg.get("eos_token_id")
+    setup = Setup(workdir=str(work), hf_dir=str(hf), stores={k: str(v) for k, v in stores.items()},
+                  device=args.device, workers=args.workers or default_workers(),
+                  disk_bytes_per_s=measured["disk_bytes_per_s"], routing_profile=PROFILES.get(
+                      args.shape, "qwen1.5-moe-a2.7b"), seed=args.routing_seed,
+                  pad_token_id=int(cfg.get("pad_token_id") or 0), experts_implementation=args.experts_implementation)
+    model = {**json.loads((hf / "synthetic.json").read_text()), **{f"{k}_bytes": v for k, v in geometry.items()
+                                                                  if k != "numel" and k != "entries"},
+             "experts": geometry["entries"], "expert_numel": geometry["numel"], "model_type": cfg["model_type"]}
+    info = {"config": cfg, "eos_ids": eos if isinstance(eos, list) else [eos] if eos is not None else [],
+            "geometry": geometry, "model": model, "commit": commit()}
+    return setup, info
+
+
+def commit() -> str:
+    """The source commit (with '+dirty' when tracked files changed); $ZIPMOE_COMMIT where git is absent."""
+    root = Path(__file__).resolve().parents[4]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("ZIPMOE_COMMIT", "unknown")
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What the numbers depend on: CPU, cores, RAM, GPU, library versions."""
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) * 1024 for line in _read("/proc/meminfo").splitlines()
+                if line.startswith("MemTotal:")), None)
+    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory)
+    return info
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""

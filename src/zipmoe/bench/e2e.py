@@ -1,0 +1,275 @@
+"""`zipmoe bench e2e`: every system on the same model, prompts, budget, routing and disk (issue 6).
+
+bench stage, driver. Steps, each resumable inside one workdir (a device call must end in 10 min):
+  1. build the synthetic HF checkpoint (bench/synth.py), convert it to a Huffman store (and a `raw`
+     one for the uncompressed baseline), measure O_DIRECT disk bandwidth → setup.json;
+  2. for each system × budget: load, warm up, run the prompt set at each batch size → one run JSON
+     (runs/<params>/<system>__<budget>.json), saved after every batch; complete runs are skipped,
+     partial ones resume at the next batch; --deadline stops before a batch that would overrun;
+  3. --report: tables + plots from every run JSON of the workdir (bench/report.py).
+Budgets are shares of the BF16 expert bytes; every system gets the same total bytes (dense +
+staging + share). Systems that read through the page cache run in a child process inside a cgroup
+v2 memory.max when the machine allows it (baselines/isolation.py). Sizes in bytes, times in s.
+
+    zipmoe bench e2e --workdir /tmp/e2e --layers 6 --systems zipmoe,uncompressed,accelerate,transformers \
+        --budgets 0.25 0.5 --batches 1 16 --device cuda --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from zipmoe.bench import report as report_mod
+from zipmoe.bench.baselines import SYSTEMS, Budget, Setup, make_system
+from zipmoe.bench.baselines.isolation import MemoryCgroup, cgroup_unavailable, drop_caches, evict_files
+from zipmoe.bench.baselines.workdir import machine_info, prepare_workdir, save_json
+from zipmoe.bench.metrics import PeakMemory, summarize
+from zipmoe.bench.prompts import prompt_set
+from zipmoe.config import parse_size
+from zipmoe.errors import ZipMoEError
+
+SCHEMA = 1  # version of the run JSON layout
+
+
+def _budgets(values: list[str]) -> list[float | None]:
+    out: list[float | None] = []
+    for v in values:
+        if v == "all":
+            out.append(None)
+            continue
+        try:
+            f = float(v)
+        except ValueError:
+            raise ZipMoEError(f"--budgets takes shares of the expert bytes in (0, 1] or 'all', got {v!r}") from None
+        if not 0 < f <= 1:
+            raise ZipMoEError(f"--budgets takes shares of the expert bytes in (0, 1] or 'all', got {v!r}")
+        out.append(f)
+    return out
+
+
+def make_budget(frac: float | None, geometry: dict[str, int]) -> Budget:
+    """Same total for every system: dense + the largest staging of the stores + frac × BF16 experts."""
+    if frac is None:
+        return Budget(None, None)
+    return Budget(frac, geometry["dense"] + geometry["staging"] + int(frac * geometry["expert_bf16"]))
+
+
+def groups(prompts: list, batch: int, count: int) -> list[list]:
+    """Batches of `batch` consecutive prompts covering at least `count` prompts (at least one batch)."""
+    n = max(1, count // batch)
+    return [prompts[i * batch:(i + 1) * batch] for i in range(n)]
+
+
+def run_params(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
+    """What makes two runs comparable; its digest names the runs folder."""
+    return {"prompts": args.prompts, "max_prompt_len": args.max_prompt_len, "new_tokens": args.new_tokens,
+            "prompt_seed": args.prompt_seed, "routing_seed": setup.seed, "device": setup.device,
+            "workers": setup.workers, "warmup": args.warmup, "experts_implementation": setup.experts_implementation}
+
+
+def execute_run(spec: dict[str, Any]) -> str:
+    """One system × budget: load, warm up, each batch size's batches; returns the run's status."""
+    path = Path(spec["run_path"])
+    doc = json.loads(path.read_text()) if path.exists() else {**spec["meta"], "batches": {}}
+    system = make_system(spec["system"])
+    doc.update(system=system.name, label=system.label, status="running")
+    reason = system.unavailable()
+    if reason:
+        doc.update(status="unavailable", reason=reason)
+        save_json(path, doc)
+        return "unavailable"
+    setup, budget = Setup(**spec["setup"]), Budget(**spec["budget"])
+    prompts = prompt_set(**spec["prompts"])
+    try:
+        t0 = time.perf_counter()
+        system.prepare(setup, budget)
+        doc.update(load_s=time.perf_counter() - t0, system_info=system.info,
+                   page_cache=spec["page_cache"] or system.page_cache)
+        if spec["warmup"]:
+            system.warmup(spec["vocab_size"])
+        status = _run_batches(system, spec, prompts, doc, path)
+    except Exception as e:  # one system failing (OOM, budget too small) must not stop the suite
+        status = "failed"
+        doc.update(reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8)[-4000:])
+        print(f"e2e: {system.name} at budget {budget.label} failed: {doc['reason']}", file=sys.stderr)
+    finally:
+        system.close()
+    doc["status"] = status
+    save_json(path, doc)
+    return status
+
+
+def _run_batches(system: Any, spec: dict[str, Any], prompts: list, doc: dict, path: Path) -> str:
+    estimate = 0.0
+    for batch in spec["batches"]:
+        sec = doc["batches"].setdefault(str(batch), {"records": []})
+        todo = groups(prompts, batch, spec["prompt_count"])[len(sec["records"]):]
+        peak = PeakMemory(spec["setup"]["device"])
+        peak.reset()
+        for group in todo:
+            if time.time() + estimate > spec["deadline"]:
+                return "partial"
+            new = min(spec["new_tokens"] or 1 << 30, max(p.max_new_tokens for p in group))
+            rec = system.run(group, new)
+            rec["prompt_indices"] = [p.index for p in group]
+            sec["records"].append(rec)
+            estimate = rec["e2e_s"]
+            for key, value in peak.read().items():  # resumed sections keep the larger peak
+                sec[key] = max(sec.get(key, 0), value) if isinstance(value, int) else value
+            sec["summary"] = summarize(sec["records"])
+            save_json(path, doc)
+    return "complete"
+
+
+def _isolation(system_name: str, mode: str, budget: Budget, setup: Setup, slack: int) -> tuple[str, Any]:
+    """(page-cache note, cgroup or None) for one run; O_DIRECT and all-resident systems need nothing."""
+    if system_name not in ("accelerate", "llama.cpp") or budget.nbytes is None:
+        return "", None
+    if mode != "inline" and (why := cgroup_unavailable()) is None:
+        cg = MemoryCgroup(budget.nbytes + slack)
+        return f"cgroup v2 memory.max = budget + {slack} B process baseline", cg
+    why = why if mode != "inline" else "isolation=inline"
+    if drop_caches():
+        return f"caches dropped before the run (no cgroup: {why}); not bounded during it", None
+    advised = evict_files([setup.hf_dir])
+    return (f"model files evicted with posix_fadvise before the run ({advised} B; no cgroup: {why}; "
+            "drop_caches not permitted); not bounded during it"), None
+
+
+def _launch(spec: dict[str, Any], mode: str, cgroup: Any) -> str:
+    """Run inline, or in a child process (joined to the cgroup) that writes the same run JSON."""
+    if mode == "inline" or (mode == "auto" and cgroup is None):
+        return execute_run(spec)
+    spec_path = Path(spec["run_path"]).with_suffix(".spec.json")
+    save_json(spec_path, spec)
+    timeout = max(60.0, spec["deadline"] - time.time() + 120)
+    try:
+        subprocess.run([sys.executable, "-m", "zipmoe.bench.e2e", "--child", str(spec_path)], check=False,
+                       timeout=timeout, preexec_fn=cgroup.join if cgroup else None)
+    except subprocess.TimeoutExpired:
+        print(f"e2e: child for {spec['system']} overran its deadline and was stopped", file=sys.stderr)
+    finally:
+        if cgroup is not None:
+            peak = cgroup.peak()
+            cgroup.remove()
+            if peak is not None and Path(spec["run_path"]).exists():
+                doc = json.loads(Path(spec["run_path"]).read_text())
+                doc["cgroup_memory_peak"] = peak
+                save_json(Path(spec["run_path"]), doc)
+    path = Path(spec["run_path"])
+    return json.loads(path.read_text()).get("status", "failed") if path.exists() else "failed"
+
+
+def run_suite(args: argparse.Namespace) -> dict[str, str]:
+    """Step 1 and 2: prepare the workdir, then every system × budget not yet complete."""
+    deadline = time.time() + args.deadline
+    names = [s for s in args.systems.split(",") if s]
+    for name in names:
+        if name not in SYSTEMS:
+            raise ZipMoEError(f"unknown system {name!r} in --systems: choose from {', '.join(SYSTEMS)}")
+    setup, info = prepare_workdir(args, need_raw="uncompressed" in names)
+    params = run_params(args, setup)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    runs_dir = Path(args.workdir) / "runs" / digest
+    vocab = info["config"]["vocab_size"]
+    exclude = tuple({setup.pad_token_id, *info["eos_ids"]})
+    n_prompts = max(args.prompts, max(args.batches))
+    prompts = dict(vocab_size=vocab, n=n_prompts, seed=args.prompt_seed, exclude_ids=exclude,
+                   min_len=min(8, args.max_prompt_len), max_len=args.max_prompt_len)
+    meta = {"schema": SCHEMA, "params": params, "model": info["model"], "machine": machine_info(setup.device),
+            "commit": info["commit"], "command": "zipmoe bench e2e " + " ".join(args.argv)}
+    statuses: dict[str, str] = {}
+    for name in names:
+        system = make_system(name)
+        for budget in system.budgets([make_budget(f, info["geometry"]) for f in _budgets(args.budgets)]):
+            run_id = f"{name}__{budget.label}"
+            path = runs_dir / f"{run_id}.json"
+            if path.exists() and json.loads(path.read_text()).get("status") in ("complete", "unavailable"):
+                statuses[run_id] = "skipped (done)"
+                continue
+            if time.time() > deadline - 0.05 * args.deadline:
+                statuses[run_id] = "not started (deadline)"
+                continue
+            note, cgroup = _isolation(name, args.isolation, budget, setup, parse_size(args.cgroup_slack))
+            spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
+                    "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
+                    "prompt_count": args.prompts, "batches": args.batches, "new_tokens": args.new_tokens,
+                    "warmup": args.warmup, "vocab_size": vocab, "deadline": deadline, "page_cache": note,
+                    "meta": {**meta, "budget_frac": budget.frac, "memory_budget": budget.nbytes}}
+            statuses[run_id] = _launch(spec, args.isolation, cgroup)
+            print(f"e2e: {run_id}: {statuses[run_id]}", flush=True)
+    return statuses
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, help="model, stores and run JSONs live here (reused, resumed)")
+    p.add_argument("--shape", default="qwen1.5-moe-a2.7b", help="synthetic model shape (bench/synth.py SHAPES)")
+    p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (quick runs)")
+    p.add_argument("--scale", type=float, default=1.0, help="shrink hidden/intermediate/experts (0, 1]")
+    p.add_argument("--model-seed", type=int, default=0)
+    p.add_argument("--systems", default="zipmoe,uncompressed,accelerate,transformers",
+                   help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+    p.add_argument("--budgets", nargs="+", default=["0.25", "0.5"], help="shares of BF16 expert bytes, or 'all'")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=None, help="decode workers (default: cores − 1)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per batch size (at least one batch)")
+    p.add_argument("--max-prompt-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=None, help="cap on new tokens per request (default 64–128)")
+    p.add_argument("--prompt-seed", type=int, default=0)
+    p.add_argument("--routing-seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one 8-token prefill before measuring")
+    p.add_argument("--experts-implementation", default=None, help="eager | grouped_mm (default: transformers')")
+    p.add_argument("--isolation", choices=("auto", "process", "inline"), default="auto",
+                   help="auto: child process in a cgroup for page-cache readers when possible")
+    p.add_argument("--cgroup-slack", default="1GiB", help="process baseline added to memory.max")
+    p.add_argument("--deadline", type=float, default=540.0, help="stop starting batches after this many s")
+    p.add_argument("--json", default=None, help="also write every run of the workdir into one JSON file")
+    p.add_argument("--report", action="store_true", help="write tables + PNG plots (workdir/report/)")
+    p.add_argument("--no-run", action="store_true", help="only report on runs already in the workdir")
+    p.add_argument("--benchmarks-md", default=None, help="splice the report section into this markdown file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="zipmoe bench e2e", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(p)
+    args = p.parse_args(argv)
+    if args.child:
+        execute_run(json.loads(Path(args.child).read_text()))
+        return 0
+    args.argv = argv
+    args.device = args.device or ("cuda" if _cuda() else "cpu")
+    statuses = {} if args.no_run else run_suite(args)
+    left = [k for k, v in statuses.items() if v in ("partial", "not started (deadline)")]
+    if left:
+        print(f"e2e: deadline reached; run the same command again to resume {', '.join(left)}", flush=True)
+    runs = report_mod.load_runs(Path(args.workdir))
+    if args.json:
+        save_json(Path(args.json), {"runs": runs})
+    if args.report:
+        out = report_mod.write_report(runs, Path(args.workdir) / "report", args.benchmarks_md)
+        print(f"e2e: report written to {out}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())
