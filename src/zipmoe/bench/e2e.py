@@ -109,20 +109,23 @@ def execute_run(spec: dict[str, Any]) -> str:
 
 
 def _run_batches(system: Any, spec: dict[str, Any], prompts: list, doc: dict, path: Path) -> str:
-    estimate = 0.0
+    last = None  # the previous batch run in this call: (seconds, rows × tokens), for the next estimate
     for batch in spec["batches"]:
         sec = doc["batches"].setdefault(str(batch), {"records": []})
         todo = groups(prompts, batch, spec["prompt_count"])[len(sec["records"]):]
         peak = PeakMemory(spec["setup"]["device"])
         peak.reset()
         for group in todo:
+            new = min(spec["new_tokens"] or 1 << 30, max(p.max_new_tokens for p in group))
+            estimate = 0.0 if last is None else last[0] * len(group) * new / last[1]  # conservative
             if time.time() + estimate > spec["deadline"]:
                 return "partial"
-            new = min(spec["new_tokens"] or 1 << 30, max(p.max_new_tokens for p in group))
-            rec = system.run(group, new)
+            rec = system.run(group, new, deadline=spec["deadline"])
+            if rec.pop("aborted"):
+                return "partial"
+            last = (rec["e2e_s"], len(group) * new)
             rec["prompt_indices"] = [p.index for p in group]
             sec["records"].append(rec)
-            estimate = rec["e2e_s"]
             for key, value in peak.read().items():  # resumed sections keep the larger peak
                 sec[key] = max(sec.get(key, 0), value) if isinstance(value, int) else value
             sec["summary"] = summarize(sec["records"])
@@ -137,8 +140,8 @@ def _isolation(system_name: str, mode: str, budget: Budget, setup: Setup, slack:
     if mode != "inline" and (why := cgroup_unavailable()) is None:
         cg = MemoryCgroup(budget.nbytes + slack)
         return f"cgroup v2 memory.max = budget + {slack} B process baseline", cg
-    why = why if mode != "inline" else "isolation=inline"
-    if drop_caches():
+    why = why if mode != "inline" else "--isolation inline"
+    if mode != "inline" and drop_caches():
         return f"caches dropped before the run (no cgroup: {why}); not bounded during it", None
     advised = evict_files([setup.hf_dir])
     return (f"model files evicted with posix_fadvise before the run ({advised} B; no cgroup: {why}; "
@@ -149,24 +152,30 @@ def _launch(spec: dict[str, Any], mode: str, cgroup: Any) -> str:
     """Run inline, or in a child process (joined to the cgroup) that writes the same run JSON."""
     if mode == "inline" or (mode == "auto" and cgroup is None):
         return execute_run(spec)
-    spec_path = Path(spec["run_path"]).with_suffix(".spec.json")
+    path = Path(spec["run_path"])
+    spec_path = path.with_suffix(".spec.json")
     save_json(spec_path, spec)
     timeout = max(60.0, spec["deadline"] - time.time() + 120)
     try:
-        subprocess.run([sys.executable, "-m", "zipmoe.bench.e2e", "--child", str(spec_path)], check=False,
-                       timeout=timeout, preexec_fn=cgroup.join if cgroup else None)
+        src = str(Path(__file__).resolve().parents[2])  # so the child imports this very zipmoe
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+        child = subprocess.run([sys.executable, "-m", "zipmoe.bench.e2e", "--child", str(spec_path)], check=False,
+                               timeout=timeout, env=env, preexec_fn=cgroup.join if cgroup else None)
+        code = f"exit status {child.returncode}"
     except subprocess.TimeoutExpired:
-        print(f"e2e: child for {spec['system']} overran its deadline and was stopped", file=sys.stderr)
+        code = "stopped after overrunning its deadline"
     finally:
+        spec_path.unlink(missing_ok=True)
+        peak = cgroup.peak() if cgroup is not None else None
         if cgroup is not None:
-            peak = cgroup.peak()
             cgroup.remove()
-            if peak is not None and Path(spec["run_path"]).exists():
-                doc = json.loads(Path(spec["run_path"]).read_text())
-                doc["cgroup_memory_peak"] = peak
-                save_json(Path(spec["run_path"]), doc)
-    path = Path(spec["run_path"])
-    return json.loads(path.read_text()).get("status", "failed") if path.exists() else "failed"
+    doc = json.loads(path.read_text()) if path.exists() else {**spec["meta"], "system": spec["system"], "batches": {}}
+    if doc.get("status") in (None, "running"):  # the child died mid-run (killed, out of memory)
+        doc.update(status="failed", reason=f"child process {code} before finishing", page_cache=spec["page_cache"])
+    if peak is not None:
+        doc["cgroup_memory_peak"] = peak
+    save_json(path, doc)
+    return doc["status"]
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, str]:
@@ -176,7 +185,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
     for name in names:
         if name not in SYSTEMS:
             raise ZipMoEError(f"unknown system {name!r} in --systems: choose from {', '.join(SYSTEMS)}")
-    setup, info = prepare_workdir(args, need_raw="uncompressed" in names)
+    setup, info = prepare_workdir(args, need_raw="uncompressed" in names, need_offload="accelerate" in names)
     params = run_params(args, setup)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     runs_dir = Path(args.workdir) / "runs" / digest
@@ -211,7 +220,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, help="model, stores and run JSONs live here (reused, resumed)")
+    p.add_argument("--workdir", help="model, stores and run JSONs live here (reused, resumed)")
     p.add_argument("--shape", default="qwen1.5-moe-a2.7b", help="synthetic model shape (bench/synth.py SHAPES)")
     p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (quick runs)")
     p.add_argument("--scale", type=float, default=1.0, help="shrink hidden/intermediate/experts (0, 1]")
@@ -249,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         execute_run(json.loads(Path(args.child).read_text()))
         return 0
+    if not args.workdir:
+        p.error("--workdir is required")
     args.argv = argv
     args.device = args.device or ("cuda" if _cuda() else "cpu")
     statuses = {} if args.no_run else run_suite(args)

@@ -26,47 +26,15 @@ import numpy as np
 import torch
 import transformers
 
+from zipmoe.bench.baselines.base import hook_routers  # generalised to every router class (issue 6)
+from zipmoe.bench.baselines.workdir import disk_bandwidth
 from zipmoe.bench.routing import RouterOverride, RoutingSampler
 from zipmoe.bench.synth import build_synthetic
 from zipmoe.convert import convert
 from zipmoe.engine.metrics import EngineStats, StepClock
 from zipmoe.models.load import load, unload
-from zipmoe.store.aligned import aligned_buffer, open_direct, read_direct_into
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import State
-
-
-def hook_routers(model: torch.nn.Module, override: RouterOverride) -> list:
-    """Replace each MoE router's top-k ids by the sampler's (weights stay the router's own)."""
-    handles = []
-    for name, module in model.named_modules():
-        if name.endswith("mlp.gate") and hasattr(module, "top_k"):
-            layer = int(name.split("layers.")[1].split(".")[0])
-
-            def hook(mod, args, output, layer=layer):
-                logits, scores, _ = output
-                tokens = logits.shape[0]
-                ids = override.topk(layer, len(override.rows), tokens // len(override.rows))
-                return logits, scores, torch.from_numpy(ids).to(logits.device)
-
-            handles.append(module.register_forward_hook(hook))
-    return handles
-
-
-def disk_bandwidth(store: Path, chunk: int = 16 << 20, total: int = 1 << 30) -> float:
-    """O_DIRECT read bandwidth (B/s) of the store's data file, random chunk order."""
-    path = store / "experts.bin"
-    size = path.stat().st_size
-    fd, _direct = open_direct(str(path))
-    try:
-        buf = aligned_buffer(chunk)
-        offsets = np.random.default_rng(0).permutation(max(1, size // chunk))[: max(1, total // chunk)]
-        t0 = time.perf_counter()
-        for i in offsets:
-            read_direct_into(fd, int(i) * chunk, min(chunk, size - int(i) * chunk), buf)
-        return len(offsets) * chunk / (time.perf_counter() - t0)
-    finally:
-        os.close(fd)
 
 
 def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
@@ -120,7 +88,7 @@ def run(args) -> dict:
         dense = sum(p.stat().st_size for p in r.dense_files())
         stored = r.expert_bytes.stored
     expert_bf16 = n_entries * numel * 2
-    bw = disk_bandwidth(stores["uncompressed-lru"])
+    bw = disk_bandwidth(stores["uncompressed-lru"] / "experts.bin")
     result = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "experts": n_entries,
               "expert_bf16_bytes": expert_bf16, "stored_expert_bytes": stored, "dense_bytes": dense,
               "disk_bytes_per_s": bw, "workers": args.workers, "device": args.device, **timings, "runs": []}

@@ -202,7 +202,8 @@ def _pooled(records: list[dict[str, Any]], tokens: int, wall: float) -> dict[str
         "stall_s": stall, "layer_s": layer, "decode_s": total("decode_s"),
         "decode_stall_s": total("decode_stall_s"), "decode_layer_s": total("decode_layer_s"),
         "io_stall_share": stall / layer if stall is not None and layer else None,
-        "prefill_s": sum(r["ttft_s"] or 0.0 for r in records), "decode_wall_s": sum(r["decode_s_wall"] for r in records),
+        "prefill_s": sum(r["ttft_s"] or 0.0 for r in records),
+        "decode_wall_s": sum(r["decode_s_wall"] for r in records),
     }
     if all("hits" in r for r in records):
         out["hit_rate"] = _rates([r["hits"] for r in records])

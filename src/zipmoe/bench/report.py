@@ -10,6 +10,7 @@ Sizes in bytes (shown in MB/GiB), times in s.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -72,19 +73,21 @@ def _hits(r: dict[str, Any]) -> str:
 
 def table(rs: list[dict[str, Any]]) -> str:
     """The main markdown table: one line per system × budget × batch size."""
-    head = ("| system | budget | batch | prompts | TTFT s (p10–p90) | TPOT s (p10–p90) | tok/s | MB read/token "
-            "| hits F/C/S/E/miss | I/O-stall | run s / lower bound s | peak RSS GiB | peak GPU GiB | status |")
+    head = ("| system | budget | batch | prompts × new tokens | TTFT s (p10–p90) | TPOT s (p10–p90) | tok/s "
+            "| MB read/token | hits F/C/S/E/miss | I/O-stall | run s / lower bound s | peak RSS GiB | peak GPU GiB "
+            "| status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rs, key=lambda r: (r["batch"], r["budget"] if r["budget"] is not None else 2.0,
                                        ORDER.index(r["system"]) if r["system"] in ORDER else 99)):
-        bound = "–" if r.get("bound_s") is None else f"{r['bound_ratio']:.2f}× ({r['bound_s']:.2f})"
-        gpu = r.get("peak_gpu_reserved")
+        bound = "–" if r.get("bound_ratio") is None else f"{r['bound_ratio']:.2f}× ({r['bound_s']:.2f})"
+        gpu, rss = (None if r.get(k) is None else r[k] / 2**30 for k in ("peak_gpu_reserved", "peak_host_rss"))
         lines.append(
-            f"| {r['label']} | {_budget(r['budget'])} | {r['batch']} | {r['prompts']} | {_band(r['ttft_s'])} "
+            f"| {r['label']} | {_budget(r['budget'])} | {r['batch']} | {r['prompts']} × {r['tokens'] // r['prompts']} "
+            f"| {_band(r['ttft_s'])} "
             f"| {_band(r['tpot_s'])} | {_f(r['tok_per_s'], '{:.2f}')} "
             f"| {_f(None if r.get('bytes_per_token') is None else r['bytes_per_token'] / 1e6, '{:.1f}')} "
             f"| {_hits(r)} | {_f(r.get('io_stall_share'), '{:.0%}')} | {bound} "
-            f"| {_f(r.get('peak_host_rss', 0) / 2**30, '{:.2f}')} | {_f(None if gpu is None else gpu / 2**30, '{:.2f}')} "
+            f"| {_f(rss, '{:.2f}')} | {_f(gpu, '{:.2f}')} "
             f"| {r['status']} |")
     return "\n".join(lines)
 
@@ -125,7 +128,7 @@ def targets(rs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def markdown(runs: list[dict[str, Any]], plot_dir: str = "report") -> str:
+def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
     """The BENCHMARKS.md section: provenance, table, targets, systems that did not run, plots."""
     rs = rows(runs)
     first = next((d for d in runs if d.get("machine")), {})
@@ -172,10 +175,10 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, benchmarks_md: str |
     plot_tpot_vs_budget(rs, out_dir / PLOTS[0])
     plot_throughput_vs_batch(rs, out_dir / PLOTS[1])
     plot_time_breakdown(rs, out_dir / PLOTS[2])
-    section = markdown(runs, out_dir.name)
-    (out_dir / "e2e.md").write_text(section)
-    if benchmarks_md:
-        splice(Path(benchmarks_md), section)
+    (out_dir / "e2e.md").write_text(markdown(runs, "."))
+    if benchmarks_md:  # image links relative to the markdown file (copy the PNGs into the repo to keep them)
+        md = Path(benchmarks_md)
+        splice(md, markdown(runs, os.path.relpath(out_dir.resolve(), md.resolve().parent)))
     return out_dir / "e2e.md"
 
 
@@ -216,7 +219,8 @@ def plot_tpot_vs_budget(rs: list[dict[str, Any]], path: Path) -> None:
             ax.errorbar([100 * r["budget"] for r in sized], y, yerr=err, marker="o", capsize=3, label=mine[0]["label"])
         for r in mine:
             if r["budget"] is None:
-                ax.axhline(r["tpot_s"]["median"], linestyle="--", linewidth=1, label=f"{r['label']} (all)")
+                ax.axhline(r["tpot_s"]["median"], linestyle="--", linewidth=1, color="0.3",
+                           label=f"{r['label']}, budget all")
     ax.set_xlabel("expert budget (% of BF16 expert bytes)")
     ax.set_ylabel("TPOT, s (median, 10–90 %)")
     ax.set_yscale("log")

@@ -150,6 +150,11 @@ def _objective(snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, w
                per_call: int | None, mode: str) -> _Objective:
     if not snapshot.layers:
         raise ZipMoEError("cannot plan without MoE layers")
+    empty = [layer for layer, c in zip(snapshot.layers, snapshot.curves, strict=True) if not c.sum() > 0]
+    if empty:
+        raise ZipMoEError(
+            f"no routing statistics for MoE layers {empty[:8]}: observe some steps first, or seed "
+            "RoutingStats with a prior (profile_io.profile_curves + stats.seed_from_curves)")
     curves = np.vstack([snapshot.curves, snapshot.curves.mean(axis=0, keepdims=True)])
     return _Objective(LayerModel(state_tasks(geom, costs), workers, per_call=per_call, mode=mode), curves)
 

@@ -29,6 +29,7 @@ import numpy as np
 from zipmoe.codec.coders import get_coder
 from zipmoe.codec.merge import merge_into
 from zipmoe.errors import ZipMoEError
+from zipmoe.planner.makespan import ExpertGeometry
 from zipmoe.planner.profile_io import store_fingerprint
 from zipmoe.scheduler.tasks import CostModel
 from zipmoe.store.aligned import ALIGN, aligned_buffer, open_direct, read_direct_into
@@ -72,6 +73,16 @@ class MachineProfile:
                 f"latency {self.disk_latency_s * 1e6:.0f} us, decode {self.decode_bytes_per_s / 1e9:.2f} GB/s "
                 f"per worker, merge {self.merge_bytes_per_s / 1e9:.2f} GB/s, compute "
                 f"{self.compute_s * 1e3:.3f} ms/expert (measured in {self.probe_s:.2f} s)")
+
+
+def store_geometry(reader: StoreReader) -> ExpertGeometry:
+    """ExpertGeometry of a store's split experts, with entry sizes as ExpertCache counts them."""
+    split = [e for e in reader.entries.values() if e.mode == "split"]
+    if not split or len({e.numel for e in split}) != 1:
+        raise ZipMoEError(f"store {reader.path}: planning needs split experts that all have one shape")
+    return ExpertGeometry.of(split[0].numel, max(e.sm.length for e in split),
+                             round(sum(e.e_length for e in split) / len(split)), reader.manifest.k,
+                             e_slot_bytes=reader.max_e_region_bytes)
 
 
 def cache_path() -> Path:

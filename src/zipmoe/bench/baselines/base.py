@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from zipmoe.bench.metrics import StepProbe, batch_record, os_read_bytes
 from zipmoe.bench.prompts import Prompt
@@ -61,12 +62,13 @@ def routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(decoder layer, router) of every routed-MoE gate, ascending by layer.
 
     Matches transformers' router classes (Qwen2MoeTopKRouter, Qwen3MoeTopKRouter, MixtralTopKRouter,
-    OlmoeTopKRouter, DeepseekV2TopkRouter): each returns (logits, top-k weights, top-k ids).
+    OlmoeTopKRouter, DeepseekV2TopkRouter; each returns (logits, top-k weights, top-k ids)) and, for
+    other versions, any module named `….gate` that has a top_k.
     """
     found = []
     for name, module in model.named_modules():
-        if type(module).__name__.lower().endswith("router") and hasattr(module, "top_k") \
-                and hasattr(module, "num_experts"):
+        is_router = type(module).__name__.lower().endswith("router") or name.endswith(".gate")
+        if is_router and hasattr(module, "top_k") and hasattr(module, "weight"):
             m = _LAYER_RE.search(name + ".")
             if m is None:
                 raise ZipMoEError(f"router {name!r} is not under a '.layers.<n>.' path")
@@ -87,7 +89,8 @@ class PromptRouting(RouterOverride):
 def sampler_for(model: torch.nn.Module, profile: str, seed: int) -> RoutingSampler:
     """The calibrated sampler for this model's MoE layers, experts and top-k."""
     found = routers(model)
-    e, k = int(found[0][1].num_experts), int(found[0][1].top_k)
+    gate = found[0][1]
+    e, k = int(getattr(gate, "num_experts", None) or gate.weight.shape[0]), int(gate.top_k)
     return RoutingSampler(profile, e, k, len(found), seed=seed, layer_ids=[layer for layer, _ in found])
 
 
@@ -140,8 +143,12 @@ class HFSystem:
         self._hooks = hook_routers(self.model, self.routing)
         self.probe = StepProbe(self.model, self._counters, cuda=setup.device.startswith("cuda"))
 
-    def run(self, prompts: list[Prompt], new_tokens: int) -> dict[str, Any]:
-        """Generate exactly new_tokens for each prompt as one left-padded batch; its metrics record."""
+    def run(self, prompts: list[Prompt], new_tokens: int, deadline: float | None = None) -> dict[str, Any]:
+        """Generate exactly new_tokens for each prompt as one left-padded batch; its metrics record.
+
+        deadline (epoch s): generation stops at the first step past it and the record says
+        "aborted" (callers drop it), so a device call never overruns by more than one step.
+        """
         assert self.setup is not None and self.model is not None, "prepare() first"
         pad = self.setup.pad_token_id
         width = max(len(p) for p in prompts)
@@ -156,10 +163,12 @@ class HFSystem:
         with torch.no_grad():
             self.model.generate(input_ids=ids.to(self.setup.device), attention_mask=mask.to(self.setup.device),
                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                pad_token_id=pad)
+                                pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_Deadline(deadline)]))
         wall = _now(self.setup.device) - t0
-        return batch_record(base, self.probe.steps, rows=len(prompts), prompt_lens=[len(p) for p in prompts],
-                            wall_s=wall, disk_bytes_per_s=self.setup.disk_bytes_per_s, workers=self.setup.workers)
+        rec = batch_record(base, self.probe.steps, rows=len(prompts), prompt_lens=[len(p) for p in prompts],
+                           wall_s=wall, disk_bytes_per_s=self.setup.disk_bytes_per_s, workers=self.setup.workers)
+        rec["aborted"] = len(self.probe.steps) < new_tokens
+        return rec
 
     def warmup(self, vocab_size: int) -> None:
         """One 8-token prefill on its own routing stream (kernel selection, allocator, first-call costs)."""
@@ -175,6 +184,17 @@ class HFSystem:
         self.model = None
         if self.setup is not None and self.setup.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+class _Deadline(StoppingCriteria):
+    """Stops generate() once the wall clock passes the deadline (None: never)."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        late = self.deadline is not None and time.time() > self.deadline
+        return torch.full((input_ids.shape[0],), late, dtype=torch.bool, device=input_ids.device)
 
 
 def _now(device: str) -> float:

@@ -54,7 +54,7 @@ def disk_bandwidth(data_file: Path, chunk: int = 16 << 20, total: int = 1 << 30)
         os.close(fd)
 
 
-def _checkpoint(args: Any, hf: Path) -> None:
+def _checkpoint(args: Any, hf: Path, copies: float) -> None:
     want = {"shape": args.shape, "layers": args.layers, "scale": args.scale, "seed": args.model_seed}
     if (hf / "model.safetensors.index.json").exists():
         have = json.loads((hf / "synthetic.json").read_text())
@@ -67,9 +67,10 @@ def _checkpoint(args: Any, hf: Path) -> None:
     total = sum(s.nbytes for s in tensor_table(cfg))
     hf.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(hf.parent).free
-    if free < 2.7 * total:  # checkpoint + Huffman store (0.7) + raw store (1.0)
-        raise ZipMoEError(f"{args.shape} with layers={args.layers} scale={args.scale} needs ~{2.7 * total / 1e9:.1f} "
-                          f"GB in {hf.parent} (checkpoint + two stores), {free / 1e9:.1f} GB free: use --layers")
+    if free < copies * total:
+        raise ZipMoEError(f"{args.shape} with layers={args.layers} scale={args.scale} needs ~{copies * total / 1e9:.1f}"
+                          f" GB in {hf.parent} (checkpoint, stores, offload folder), {free / 1e9:.1f} GB free: "
+                          "use --layers, or fewer systems")
     build_synthetic(args.shape, hf, layers=args.layers, scale=args.scale, seed=args.model_seed,
                     workers=args.workers_total, progress=False)
 
@@ -79,12 +80,15 @@ def _store(hf: Path, dest: Path, coder: str, workers: int) -> None:
         convert(hf, dest, coder=coder, workers=workers, overwrite=dest.exists(), progress=False)
 
 
-def prepare_workdir(args: Any, need_raw: bool) -> tuple[Setup, dict[str, Any]]:
-    """Build/convert/measure what is missing; the Setup for every system and the model facts."""
+def prepare_workdir(args: Any, need_raw: bool, need_offload: bool = False) -> tuple[Setup, dict[str, Any]]:
+    """Build/convert/measure what is missing; the Setup for every system and the model facts.
+
+    need_raw: also the uncompressed store; need_offload: room for Accelerate's offload folder.
+    """
     work = Path(args.workdir)
     args.workers_total = (args.workers or default_workers()) + 1
     hf = work / "hf"
-    _checkpoint(args, hf)
+    _checkpoint(args, hf, 1.7 + need_raw + need_offload)  # checkpoint 1, Huffman store ~0.7, others ~1
     stores = {"huffman": work / "store-huffman"}
     if need_raw:
         stores["raw"] = work / "store-raw"

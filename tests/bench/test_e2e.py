@@ -1,0 +1,204 @@
+"""`zipmoe bench e2e` end to end on a tiny model on CPU: builder, prompts, systems, metrics, report.
+
+One module-scoped suite run (4 systems × one budget × batch 1 and 2, 3 new tokens) feeds most
+tests; the rest are pure (metrics) or reuse the same workdir (resume, report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.tiny_models import build_tiny_model
+
+from zipmoe.bench import e2e, report
+from zipmoe.bench.baselines import Budget, Setup, hook_routers, make_system, routers
+from zipmoe.bench.metrics import band, batch_record, nonfinite_paths, summarize
+from zipmoe.bench.prompts import prompt_set
+from zipmoe.cli.main import main as cli_main
+from zipmoe.errors import ZipMoEError
+
+ARGS = ["--isolation", "inline", "--layers", "2", "--scale", "0.25", "--budgets", "0.25", "--batches", "1", "2",
+        "--prompts", "2", "--max-prompt-len", "16", "--new-tokens", "3", "--device", "cpu", "--workers", "1"]
+SYSTEMS = ("zipmoe", "uncompressed", "accelerate", "transformers")
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("e2e")
+    assert e2e.main(["--workdir", str(work), "--systems", ",".join(SYSTEMS), *ARGS]) == 0
+    return work
+
+
+def test_workdir_holds_model_stores_and_one_json_per_run(suite: Path) -> None:
+    assert (suite / "hf" / "model.safetensors.index.json").exists()
+    assert (suite / "store-huffman" / "zipmoe.json").exists() and (suite / "store-raw" / "zipmoe.json").exists()
+    assert json.loads((suite / "setup.json").read_text())["disk_bytes_per_s"] > 0
+    runs = report.load_runs(suite)
+    assert sorted(d["system"] for d in runs) == sorted(SYSTEMS)
+    for d in runs:
+        assert d["status"] == "complete", (d["system"], d.get("reason"))
+        assert d["commit"] and d["command"].startswith("zipmoe bench e2e") and d["machine"]["cores"]
+        assert set(d["batches"]) == {"1", "2"}
+
+
+def test_every_system_generates_the_same_tokens_and_every_metric_is_finite(suite: Path) -> None:
+    runs = report.load_runs(suite)
+    for d in runs:
+        assert nonfinite_paths(d) == [], d["system"]
+        for batch, sec in d["batches"].items():
+            assert [r["tokens"] for r in sec["records"]] == [int(batch) * 3] * (2 // int(batch))
+            s = sec["summary"]
+            assert s["ttft_s"]["median"] > 0 and s["tpot_s"]["median"] > 0 and s["tok_per_s"] > 0
+            assert sec["peak_host_rss"] > 0
+    # the same prompts in every system: lengths per batch agree
+    lens = {d["system"]: [r["prompt_lens"] for r in d["batches"]["1"]["records"]] for d in runs}
+    assert len({json.dumps(v) for v in lens.values()}) == 1
+
+
+def test_zipmoe_reads_fewer_bytes_than_uncompressed_for_the_same_tokens(suite: Path) -> None:
+    by = {d["system"]: d for d in report.load_runs(suite)}
+    z, u = by["zipmoe"], by["uncompressed"]
+    assert z["memory_budget"] == u["memory_budget"] == by["accelerate"]["memory_budget"]
+    for batch in ("1", "2"):
+        zs, us = z["batches"][batch]["summary"], u["batches"][batch]["summary"]
+        assert zs["tokens"] == us["tokens"]
+        assert 0 < zs["bytes_read"] < us["bytes_read"]
+        for s in (zs, us):
+            assert math.isclose(sum(s["hit_rate"].values()), 1.0)
+            assert 0 <= s["io_stall_share"] <= 1 and s["bound_ratio"] >= 1.0
+    assert z["page_cache"] == "O_DIRECT" and z["system_info"]["direct_io"]
+    assert u["system_info"]["pools"]["F"] > 0 and u["system_info"]["pools"]["C"] == 0
+    assert "disk" in by["accelerate"]["system_info"]["device_map_modules"]  # it really offloads
+    assert by["accelerate"]["page_cache"]  # says how the page cache was handled
+
+
+def test_rerun_skips_complete_runs_and_resumes_a_partial_one(suite: Path) -> None:
+    path = next(suite.glob("runs/*/zipmoe__0.25.json"))
+    doc = json.loads(path.read_text())
+    doc["status"] = "partial"
+    del doc["batches"]["2"]
+    doc["batches"]["1"]["records"] = doc["batches"]["1"]["records"][:1]
+    path.write_text(json.dumps(doc))
+    others = {p: p.stat().st_mtime_ns for p in suite.glob("runs/*/*.json") if p != path}
+    assert e2e.main(["--workdir", str(suite), "--systems", ",".join(SYSTEMS), *ARGS]) == 0
+    after = json.loads(path.read_text())
+    assert after["status"] == "complete" and len(after["batches"]["1"]["records"]) == 2
+    assert after["batches"]["1"]["records"][0] == doc["batches"]["1"]["records"][0]  # kept, not redone
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+
+
+def test_system_interface_and_deadline_stop(suite: Path) -> None:
+    setup = Setup(workdir=str(suite), hf_dir=str(suite / "hf"), stores={"huffman": str(suite / "store-huffman")},
+                  device="cpu", workers=1, disk_bytes_per_s=1e9, routing_profile="qwen1.5-moe-a2.7b", seed=0,
+                  pad_token_id=0)
+    prompts = prompt_set(1000, 2, max_len=12)
+    system = make_system("zipmoe")
+    system.prepare(setup, Budget(None, None))
+    try:
+        done = system.run(prompts, 4)
+        stopped = system.run(prompts, 4, deadline=time.time())  # already past: stops after the first token
+    finally:
+        system.close()
+    assert not done["aborted"] and done["new_tokens"] == 4 and done["tokens"] == 8
+    assert stopped["aborted"] and stopped["new_tokens"] == 1
+    assert done["hits"]["MISS"] > 0 and done["bytes_read"] > 0  # a cold start, counted by the engine
+
+
+def test_report_writes_plots_and_a_table_naming_every_system(suite: Path, tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nkept text\n")
+    assert e2e.main(["--workdir", str(suite), "--no-run", "--report", "--benchmarks-md", str(md),
+                     "--json", str(tmp_path / "all.json")]) == 0
+    for name in report.PLOTS:
+        png = (suite / "report" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    text = (suite / "report" / "e2e.md").read_text()
+    for label in ("zipmoe", "uncompressed LRU", "HF Accelerate offload", "transformers (all on device)"):
+        assert f"| {label} |" in text
+    assert "Commit:" in text and "zipmoe bench e2e" in text and "Against the targets" in text
+    report.write_report(report.load_runs(suite), suite / "report", str(md))  # splice twice: one section
+    body = md.read_text()
+    assert body.startswith("# Benchmarks\n\nkept text") and body.count(report.BEGIN) == 1
+    assert len(json.loads((tmp_path / "all.json").read_text())["runs"]) == len(SYSTEMS)
+
+
+def test_optional_systems_report_not_available_cleanly(suite: Path) -> None:
+    assert e2e.main(["--workdir", str(suite), "--systems", "llama.cpp,dfloat11", *ARGS]) == 0
+    docs = {d["system"]: d for d in report.load_runs(suite)}
+    for name in ("llama.cpp", "dfloat11"):
+        assert docs[name]["status"] == "unavailable" and "not available" in docs[name]["reason"]
+    assert "Systems that did not run" in report.markdown(report.load_runs(suite))
+
+
+def test_cli_dispatch_and_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "e2e", "--help"])
+    assert exc.value.code == 0
+    assert cli_main(["bench", "e2e", "--workdir", str(tmp_path), "--systems", "nope"]) == 2
+    with pytest.raises(ZipMoEError, match="budgets"):
+        e2e._budgets(["1.5"])
+    with pytest.raises(ZipMoEError, match="unknown system"):
+        make_system("deepspeed")
+
+
+def test_metrics_from_known_steps() -> None:
+    base = {"bytes_read": 100, "decode_s": 0.0, "stall_s": 0.0, "layer_s": 0.0, "io_busy_s": 0.0,
+            "hits": {"F": 0, "C": 0, "S": 0, "E": 0, "MISS": 0}, "os_read_bytes": 7}
+    steps = []
+    for i, (s, b) in enumerate([(2.0, 1000), (0.5, 300), (0.7, 100)]):
+        prev = steps[-1] if steps else base
+        steps.append({"s": s, "bytes_read": prev["bytes_read"] + b, "decode_s": prev["decode_s"] + 0.4,
+                      "stall_s": prev["stall_s"] + 0.1, "layer_s": prev["layer_s"] + 0.2, "io_busy_s": 0.0,
+                      "hits": {**prev["hits"], "C": prev["hits"]["C"] + i, "MISS": prev["hits"]["MISS"] + 1},
+                      "os_read_bytes": 7})
+    rec = batch_record(base, steps, rows=2, prompt_lens=[5, 9], wall_s=4.0, disk_bytes_per_s=100.0, workers=2)
+    assert rec["tokens"] == 6 and rec["ttft_s"] == 2.0 and rec["tpot_s"] == pytest.approx(0.6)
+    assert rec["bytes_read"] == 1400 and rec["prefill_bytes_read"] == 1000 and rec["decode_step_bytes"] == 200
+    assert rec["io_bound_s"] == pytest.approx(14.0) and rec["decode_bound_s"] == pytest.approx(0.6)
+    assert rec["bound_s"] == pytest.approx(14.0) and rec["bound_ratio"] == pytest.approx(4.0 / 14.0)
+    assert rec["decode_hits"] == {"F": 0, "C": 3, "S": 0, "E": 0, "MISS": 2}
+    assert rec["decode_stall_s"] == pytest.approx(0.2) and rec["os_read_bytes"] == 0
+    s = summarize([rec, {**rec, "e2e_s": 8.0, "tpot_s": 1.0}])
+    assert s["tokens"] == 12 and s["tok_per_s"] == pytest.approx(1.0)
+    assert s["bytes_per_token"] == pytest.approx(1400 / 6)
+    assert s["hit_rate"]["C"] == pytest.approx(3 / 6) and s["io_stall_share"] == pytest.approx(0.5)
+    assert s["tpot_s"]["median"] == pytest.approx(0.8) and s["decode_tok_per_s"] == pytest.approx(8 / 2.4)
+    assert band([1.0, None, float("nan")]) == {"median": 1.0, "p10": 1.0, "p90": 1.0}
+    assert nonfinite_paths({"a": [1.0, float("inf")]}) == [".a[1]"]
+
+
+class _FixedRouting:
+    """Stands in for the sampler: expert (layer + token + j) % E for slot j, recording each call."""
+
+    def __init__(self, num_experts: int, top_k: int):
+        self.rows, self.e, self.k, self.calls = [0], num_experts, top_k, []
+
+    def topk(self, layer: int, rows: int, seq: int) -> np.ndarray:
+        self.calls.append((layer, rows, seq))
+        t = np.arange(rows * seq)[:, None]
+        return ((layer + t + np.arange(self.k)[None, :]) % self.e).astype(np.int64)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2"])
+def test_router_hook_drives_every_architecture(model_type: str) -> None:
+    model = build_tiny_model(model_type).eval()
+    found = routers(model)
+    experts = [m for n, m in model.named_modules() if n.endswith(".experts") and hasattr(m, "gate_up_proj")]
+    assert len(found) == len(experts) > 0
+    e, k = int(found[0][1].weight.shape[0]), int(found[0][1].top_k)
+    fixed = _FixedRouting(e, k)
+    hook_routers(model, fixed)
+    seen: list[torch.Tensor] = []
+    for m in experts:
+        m.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    with torch.no_grad():
+        model(torch.arange(3, 8)[None])
+    assert [c[0] for c in fixed.calls] == [layer for layer, _ in found]
+    for (layer, _), ids in zip(found, seen, strict=True):
+        assert torch.equal(ids, torch.from_numpy(fixed.topk(layer, 1, 5)))

@@ -1,0 +1,155 @@
+"""RoutingStats: decayed counts, ranks, curves, drift; the statistics file; priors from real profiles."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from zipmoe.errors import ZipMoEError
+from zipmoe.planner.profile_io import load_stats, profile_curves, save_stats, store_fingerprint
+from zipmoe.planner.stats import RankSnapshot, RoutingStats, rank_drift
+
+
+def test_counts_ranks_and_curves():
+    st = RoutingStats([3, 5], num_experts=6, decay=1.0)
+    for _ in range(10):
+        st.observe(3, [4, 1])
+    for _ in range(5):
+        st.observe(3, [4, 2])
+    assert st.ranking(3)[:3].tolist() == [4, 1, 2]
+    assert st.rank_of(3, 4) == 0 and st.rank_of(3, 2) == 2
+    assert np.allclose(st.frequencies(3)[[4, 1, 2]], [1.0, 10 / 15, 5 / 15])
+    snap = st.snapshot()
+    assert np.allclose(snap.curve(3)[:3], [1.0, 10 / 15, 5 / 15]) and snap.curve(5).sum() == 0
+    assert snap.observations[0] == pytest.approx(15)
+    with pytest.raises(ZipMoEError, match="not an MoE layer"):
+        st.observe(4, [0])
+
+
+def test_decay_follows_drift():
+    st = RoutingStats([0], num_experts=4, decay=0.9)
+    for _ in range(50):
+        st.observe(0, [0])
+    for _ in range(30):
+        st.observe(0, [3])
+    assert st.rank_of(0, 3) == 0  # recent activity outranks older, larger totals
+    assert st.observations(0) == pytest.approx(sum(0.9**i for i in range(80)), rel=1e-9)
+    assert st.half_life() == pytest.approx(np.log(2) / -np.log(0.9))
+
+
+def test_weight_renormalisation_keeps_frequencies():
+    st = RoutingStats([0], num_experts=3, decay=0.5)  # weight passes 1e100 after ~330 calls
+    for i in range(1000):
+        st.observe(0, [i % 2])
+    f = st.frequencies(0)
+    assert np.all(np.isfinite(f)) and f[2] == 0 and f[1] == pytest.approx(2 / 3, rel=1e-6)
+
+
+def test_drift_is_total_variation_of_shapes():
+    a = RankSnapshot((0,), np.array([[0.5, 0.3, 0.2, 0.0]]), (1.0,))
+    b = RankSnapshot((0,), np.array([[0.25, 0.25, 0.25, 0.25]]), (1.0,))
+    assert rank_drift(a, a) == 0.0
+    assert rank_drift(a, b) == pytest.approx(0.5 * (0.25 + 0.05 + 0.05 + 0.25))
+    with pytest.raises(ZipMoEError):
+        rank_drift(a, RankSnapshot((1,), a.curves, (1.0,)))
+
+
+def test_profile_curves_resample_and_stretch():
+    raw = profile_curves("qwen1.5-moe-a2.7b", 24, 60)
+    assert raw.shape == (24, 60) and np.allclose(raw.sum(axis=1), 4, atol=1e-2)
+    c = profile_curves("deepseek-v2-lite", 7, 16, top_k=2, kind="global")
+    assert c.shape == (7, 16) and np.allclose(c.sum(axis=1), 2) and np.all(np.diff(c, axis=1) <= 1e-12)
+    with pytest.raises(ZipMoEError, match="choose one of"):
+        profile_curves("mixtral", 2, 8)
+
+
+@pytest.fixture
+def fake_store(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "zipmoe.json").write_text('{"pretend": "manifest"}')
+    return store
+
+
+def _stats() -> RoutingStats:
+    st = RoutingStats([1, 2], num_experts=5, decay=0.99)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        for layer in (1, 2):
+            st.observe(layer, rng.choice(5, size=2, replace=False))
+    return st
+
+
+def test_stats_file_round_trip(tmp_path, fake_store):
+    st, fp = _stats(), store_fingerprint(fake_store)
+    path = tmp_path / "s.json"
+    assert save_stats(st, path, fp)
+    back = load_stats(path, fp, [1, 2], 5, decay=0.99)
+    assert back is not None
+    assert np.allclose(back.snapshot().curves, st.snapshot().curves)
+    assert back.ranking(1).tolist() == st.ranking(1).tolist()
+    st.observe(1, [4]), back.observe(1, [4])  # the restored scale continues identically
+    assert np.allclose(back.frequencies(1), st.frequencies(1))
+
+
+def _edit(path, fn):
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("case", ["garbage", "checksum", "version", "other_store", "shape", "resealed_bad"])
+def test_stale_or_corrupt_stats_are_ignored_with_a_warning(tmp_path, fake_store, caplog, case):
+    fp, path = store_fingerprint(fake_store), tmp_path / "s.json"
+    save_stats(_stats(), path, fp)
+    layers = [1, 2]
+    if case == "garbage":
+        path.write_bytes(b"\x00not json")
+    elif case == "checksum":
+        _edit(path, lambda d: d["body"]["counts"][0].__setitem__(0, 7.0))
+    elif case == "version":
+        from zipmoe.planner import profile_io
+
+        _edit(path, lambda d: (d["body"].__setitem__("version", 99),
+                               d.__setitem__("checksum", profile_io._checksum(d["body"]))))
+    elif case == "other_store":
+        fp = "0" * 16
+    elif case == "shape":
+        layers = [1, 2, 3]
+    else:  # a consistent checksum over impossible numbers is still refused
+        from zipmoe.planner import profile_io
+
+        _edit(path, lambda d: (d["body"]["counts"][0].__setitem__(0, 1e9),
+                               d.__setitem__("checksum", profile_io._checksum(d["body"]))))
+    with caplog.at_level(logging.WARNING, logger="zipmoe.planner.profile_io"):
+        assert load_stats(path, fp, layers, 5) is None
+    assert "ignoring routing statistics" in caplog.text
+
+
+def test_missing_stats_file_is_silent(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert load_stats(tmp_path / "none.json", "x", [0], 4) is None
+    assert not caplog.records
+
+
+def test_seed_from_prior_then_observations_take_over():
+    st = RoutingStats([0], num_experts=4, decay=0.9)
+    st.seed(0, np.array([0.9, 0.6, 0.4, 0.1]), weight=10)
+    assert st.rank_of(0, 0) == 0 and np.allclose(st.snapshot().curves[0], [0.9, 0.6, 0.4, 0.1])
+    for _ in range(60):
+        st.observe(0, [3, 2])
+    assert {st.rank_of(0, 3), st.rank_of(0, 2)} == {0, 1}
+
+
+def test_planner_imports_neither_torch_nor_the_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys, zipmoe.planner, zipmoe.planner.admission, zipmoe.planner.cost_model, "
+            "zipmoe.planner.profile_io; bad = [m for m in sys.modules if m == 'torch' or "
+            "m.startswith(('zipmoe.engine', 'zipmoe.models', 'zipmoe.cache'))]; print(bad); sys.exit(bool(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
