@@ -72,3 +72,26 @@ def test_budget_too_small_names_the_minimum(store):
         load(store, memory_budget="64KiB")
     assert err.value.minimum_bytes > 64 * 1024
     assert "too small" in str(err.value)
+
+
+def test_replanning_during_generation_keeps_logits_exact(store, tmp_path):
+    """Planned pools re-plan in the background while the model runs: outputs must not change."""
+    import transformers
+
+    with StoreReader(store) as r:
+        numel = next(iter(r.entries.values())).numel
+        dense = sum(p.stat().st_size for p in r.dense_files())
+    model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2)
+    try:
+        pools = model.zipmoe_engine.pools
+        assert pools is not None, "a budget below everything-fits must plan its pools"
+        pools.replan_every, pools.drift_threshold = 1, 0.0
+        ref = transformers.AutoModelForCausalLM.from_pretrained(store.parent / "hf")
+        for seed in range(4):
+            ids = torch.randint(3, 150, (2, 10), generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+        pools._thread.shutdown(wait=True)
+        assert pools.replans > 0
+    finally:
+        unload(model)

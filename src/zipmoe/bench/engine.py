@@ -97,10 +97,13 @@ def run(args) -> dict:
     override = RouterOverride(sampler)
     staging = 8 * numel * 8 + (1 << 24)
     for frac in args.budgets:
-        for name, store in stores.items():
+        for name in args.systems:
             budget = dense + staging + int(frac * expert_bf16)
-            caps = {State.F: int(frac * expert_bf16) // (2 * numel)} if name == "uncompressed-lru" else None
-            model = load(store, device=args.device, memory_budget=budget, workers=args.workers, capacities=caps)
+            if name == "uncompressed-lru":  # every budget byte holds decoded experts, LRU
+                store, extra = stores[name], {"capacities": {State.F: int(frac * expert_bf16) // (2 * numel)}}
+            else:  # zipmoe: planned pool sizes; zipmoe-lru: the default split (all C), no planning
+                store, extra = stores["zipmoe"], {"planning": name == "zipmoe"}
+            model = load(store, device=args.device, memory_budget=budget, workers=args.workers, **extra)
             hook_routers(model, override)
             try:
                 measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up: CUDA, kernels
@@ -115,10 +118,15 @@ def run(args) -> dict:
                         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
                         Path(args.profile).mkdir(parents=True, exist_ok=True)
                         (Path(args.profile) / f"profile-{name}-{frac}.txt").write_text(out.getvalue())
+                    pools = model.zipmoe_engine.pools
                     m.update(system=name, budget_frac=frac, memory_budget=budget,
+                             capacities={p.name: c for p, c in model.zipmoe_engine.cache.capacity.items()},
+                             plan=pools.plan.describe() if pools else None,
                              io_bound_s=m["bytes_read"] / bw, decode_bound_s=m["decode_s"] / args.workers)
                     result["runs"].append(m)
                     print(json.dumps({k: v for k, v in m.items() if k != "hit_rate"}), m["hit_rate"], flush=True)
+                    if args.json:  # after every run: a device call cut short still returns what it measured
+                        Path(args.json).write_text(json.dumps(result, indent=1))
             finally:
                 unload(model)
     if args.device == "cuda":
@@ -143,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--systems", nargs="+", default=["zipmoe", "zipmoe-lru", "uncompressed-lru"],
+                   choices=["zipmoe", "zipmoe-lru", "uncompressed-lru"])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--big-batch", type=int, default=16)

@@ -22,6 +22,7 @@ from zipmoe.cache import ExpertCache
 from zipmoe.codec.coders.base import ExponentCoder
 from zipmoe.codec.merge import merge_into
 from zipmoe.engine.metrics import EngineStats
+from zipmoe.engine.planning import PlannedPools
 from zipmoe.errors import ZipMoEError
 from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.schedule import schedule
@@ -108,13 +109,14 @@ class Engine:
     def __init__(
         self, reader: StoreReader, cache: ExpertCache, executor: Executor, coder: ExponentCoder,
         costs: CostModel, device: torch.device, shapes: ExpertShapes, staging_slots: int,
-        read_bytes_per_s: float | None = None,
+        read_bytes_per_s: float | None = None, pools: PlannedPools | None = None,
     ):
         self.reader, self.cache, self.executor, self.coder = reader, cache, executor, coder
         self.costs, self.device, self.shapes = costs, device, shapes
         if not math.isfinite(costs.merge_bytes_per_s):  # no merge step would be planned for E/MISS loads
             raise ZipMoEError("the engine needs a finite merge rate in its cost model (E and MISS loads merge)")
         self.stats = EngineStats()
+        self.pools = pools  # planned pool layout + routing statistics; None: the cache's own policy
         self.read_bytes_per_s = read_bytes_per_s  # optional cap emulating a slower disk
         self._io_free_at = 0.0  # when the capped channel may start its next read
         self.staging = cache.staging(staging_slots, exp=True)
@@ -133,6 +135,8 @@ class Engine:
         """Yield (expert, gate_up [2I,H], down [H,I]) for each needed expert as soon as it is ready."""
         t_layer = time.perf_counter()
         keys = [ExpertKey(layer, e) for e in needed]
+        if self.pools is not None:
+            self.pools.observe(layer, needed)
         with self.cache.acquire(keys) as lease:
             hits, loads = [], []
             for key, state in zip(keys, lease.states, strict=True):
@@ -261,6 +265,8 @@ class Engine:
             return
         self._closed = True
         self.executor.close()
+        if self.pools is not None:
+            self.pools.close()
         if self._cuda:
             torch.cuda.synchronize(self.device)
             self.cache.budget.release("staging.host_bf16")

@@ -21,6 +21,7 @@ from zipmoe.codec.coders import get_coder
 from zipmoe.config import format_size
 from zipmoe.engine.engine import Engine, ExpertShapes
 from zipmoe.engine.metrics import StepClock
+from zipmoe.engine.planning import PlannedPools
 from zipmoe.errors import UnsupportedModelError, ZipMoEError
 from zipmoe.models.build import build_model_without_experts
 from zipmoe.models.compute import install
@@ -60,6 +61,7 @@ def load(
     read_bytes_per_s: float | None = None,
     costs: CostModel = DEFAULT_COSTS,
     capacities: dict[State, int] | None = None,
+    planning: bool = True,
 ) -> torch.nn.Module:
     """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
 
@@ -68,20 +70,22 @@ def load(
     transformers implementation results are bit-exact to ("eager" or "grouped_mm"; None = what
     from_pretrained picks). read_bytes_per_s caps disk reads to emulate a slower SSD (benchmarks
     must say when they use it). capacities: entries per pool (F/C/S/E) instead of the default split,
-    e.g. {State.F: n} for a plain uncompressed LRU cache.
+    e.g. {State.F: n} for a plain uncompressed LRU cache. planning: when the budget cannot hold every
+    expert decoded, size the pools and admit experts from routing statistics and this machine's
+    measured costs (engine/planning.py) instead of the default all-C split.
     """
     device = torch.device(device)
     reader = StoreReader(store, direct_io=direct_io)
     try:
         return _load(reader, device, memory_budget, workers, eviction, staging_slots,
-                     experts_implementation, read_bytes_per_s, costs, capacities)
+                     experts_implementation, read_bytes_per_s, costs, capacities, planning)
     except BaseException:
         reader.close()
         raise
 
 
 def _load(reader, device, memory_budget, workers, eviction, staging_slots, experts_implementation,
-          read_bytes_per_s, costs, capacities):
+          read_bytes_per_s, costs, capacities, planning):
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
@@ -103,14 +107,20 @@ def _load(reader, device, memory_budget, workers, eviction, staging_slots, exper
         budget = MemoryBudget(memory_budget)
     budget.reserve("dense", dense_bytes)
     budget.reserve("staging", staging)  # the pools are sized around it; the engine allocates it below
+    workers = workers or default_workers()
+    pools = None
+    fits = budget.free() >= len(entries) * per_entry[State.F]
     if capacities is not None:
         capacities = {p: capacities.get(p, 0) for p in (State.F, State.C, State.S, State.E)}
+    elif planning and not fits:
+        pools = PlannedPools(reader, device.type, workers, _top_k(reader.config), budget.free())
+        capacities, costs = pools.plan.capacities, pools.costs
     cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction,
-                        capacities=capacities)
+                        capacities=capacities, admission=pools.admission if pools else None)
     budget.release("staging")
-    engine = Engine(reader, cache, Executor(workers or default_workers()),
+    engine = Engine(reader, cache, Executor(workers),
                     get_coder(reader.manifest.codec_id, **reader.manifest.codec_params),
-                    costs, device, shapes, slots, read_bytes_per_s)
+                    costs, device, shapes, slots, read_bytes_per_s, pools)
     try:
         engine.warmup()
         model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)
