@@ -81,7 +81,7 @@ def test_replanning_during_generation_keeps_logits_exact(store, tmp_path):
     with StoreReader(store) as r:
         numel = next(iter(r.entries.values())).numel
         dense = sum(p.stat().st_size for p in r.dense_files())
-    model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2)
+    model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2, planning=True)
     try:
         pools = model.zipmoe_engine.pools
         assert pools is not None, "a budget below everything-fits must plan its pools"

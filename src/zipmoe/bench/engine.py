@@ -101,8 +101,8 @@ def run(args) -> dict:
             budget = dense + staging + int(frac * expert_bf16)
             if name == "uncompressed-lru":  # every budget byte holds decoded experts, LRU
                 store, extra = stores[name], {"capacities": {State.F: int(frac * expert_bf16) // (2 * numel)}}
-            else:  # zipmoe: planned pool sizes; zipmoe-lru: the default split (all C), no planning
-                store, extra = stores["zipmoe"], {"planning": name == "zipmoe"}
+            else:  # zipmoe: the default split (every pool byte in C) + LRU; zipmoe-planned: planner's sizes
+                store, extra = stores["zipmoe"], {"planning": name == "zipmoe-planned"}
             model = load(store, device=args.device, memory_budget=budget, workers=args.workers, **extra)
             hook_routers(model, override)
             try:
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
-    p.add_argument("--systems", nargs="+", default=["zipmoe", "zipmoe-lru", "uncompressed-lru"],
-                   choices=["zipmoe", "zipmoe-lru", "uncompressed-lru"])
+    p.add_argument("--systems", nargs="+", default=["zipmoe", "zipmoe-planned", "uncompressed-lru"],
+                   choices=["zipmoe", "zipmoe-planned", "uncompressed-lru"])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--big-batch", type=int, default=16)

@@ -61,7 +61,7 @@ def load(
     read_bytes_per_s: float | None = None,
     costs: CostModel = DEFAULT_COSTS,
     capacities: dict[State, int] | None = None,
-    planning: bool = True,
+    planning: bool = False,
 ) -> torch.nn.Module:
     """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
 
@@ -71,8 +71,9 @@ def load(
     from_pretrained picks). read_bytes_per_s caps disk reads to emulate a slower SSD (benchmarks
     must say when they use it). capacities: entries per pool (F/C/S/E) instead of the default split,
     e.g. {State.F: n} for a plain uncompressed LRU cache. planning: when the budget cannot hold every
-    expert decoded, size the pools and admit experts from routing statistics and this machine's
-    measured costs (engine/planning.py) instead of the default all-C split.
+    expert decoded, size the pools from routing statistics and this machine's measured costs
+    (engine/planning.py) instead of the default all-C split. Off by default: on the device
+    (BENCHMARKS.md, ablation) the planned split was slower than all-C at batch 1.
     """
     device = torch.device(device)
     reader = StoreReader(store, direct_io=direct_io)
