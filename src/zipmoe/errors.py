@@ -1,6 +1,13 @@
 """One small error hierarchy. Messages say what was wrong and what to do; the CLI prints them
 without a traceback and exits with status 2."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zipmoe.types import ExpertKey
+
 
 class ZipMoEError(Exception):
     """Base of every error zipmoe raises on purpose."""
@@ -40,3 +47,15 @@ class BudgetTooSmallError(ZipMoEError):
 
 class CodecError(ZipMoEError):
     """An exponent coder got a payload it cannot decode, or an unknown codec id."""
+
+
+class VerificationError(ZipMoEError):
+    """A store's content differs from what it should hold (its own tensor checksums or the checkpoint)."""
+
+
+class ExpertTaskError(ZipMoEError):
+    """An engine op (read, decode, merge) failed for one expert; the original exception is the __cause__."""
+
+    def __init__(self, message: str, key: ExpertKey, stage: str):
+        super().__init__(message)
+        self.key, self.stage = key, stage

@@ -1,7 +1,7 @@
 """inspect / verify: diagnostics over a finished store (library side of `zipmoe inspect` and `zipmoe verify`).
 
 In: a store directory (and, for verify --against, the original HF checkpoint). Out: a JSON-able
-report dict (inspect) or a VerifyReport (verify); a mismatch raises MismatchError naming the tensor.
+report dict (inspect) or a VerifyReport (verify); a mismatch raises VerificationError naming the tensor.
 Both decode every expert on W pool threads (each with its own page-aligned buffers); results are
 consumed in sorted expert order, so "the first mismatch" is deterministic.
 L=layers W=workers H=order-0 exponent entropy in bits/weight; sizes in bytes; ratios stored/BF16.
@@ -22,7 +22,7 @@ import xxhash
 
 from zipmoe.codec import get_coder
 from zipmoe.codec.coders.base import ExponentCoder
-from zipmoe.errors import ZipMoEError
+from zipmoe.errors import VerificationError
 from zipmoe.store.format import DATA_NAME, DTYPE_SIZES, ExpertEntry
 from zipmoe.store.reader import StoreReader
 
@@ -37,8 +37,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-class MismatchError(ZipMoEError):
-    """A store's content differs from what it should hold (its own tensor checksums or the checkpoint)."""
+MismatchError = VerificationError  # the old name, kept for callers written before errors.py held it
 
 
 class _Decoder:
@@ -216,7 +215,7 @@ def verify_store(path: str | os.PathLike, *, against: str | os.PathLike | None =
     """Check every checksum; decode every expert and match its recorded per-tensor checksums; with
     `against`, also compare every expert and dense tensor bit-for-bit with the original checkpoint.
 
-    Raises ChecksumError / StoreFormatError for corruption, MismatchError naming the first differing tensor.
+    Raises ChecksumError / StoreFormatError for corruption, VerificationError naming the first differing tensor.
     """
     with StoreReader(path, direct_io=False) as reader:
         m = reader.manifest
@@ -238,7 +237,7 @@ def check_tensor_checksums(entry: ExpertEntry, flat: np.ndarray) -> None:
         size = DTYPE_SIZES[t.dtype]
         part = flat.view(np.uint8)[t.offset * size : (t.offset + t.numel) * size]
         if xxhash.xxh3_64_intdigest(part) != t.checksum:
-            raise MismatchError(
+            raise VerificationError(
                 f"{entry.key} tensor {t.name!r} ({t.hf_name or 'fused'}): decoded bytes do not match the "
                 "checksum recorded at conversion — the store is corrupt or was written by a buggy coder; "
                 "re-run zipmoe convert")
@@ -288,7 +287,7 @@ def _compare_with_checkpoint(reader: StoreReader, against: str | os.PathLike, wo
         files = [n for n in sorted(reader.manifest.files) if n not in skip and (ckpt.root / n).is_file()]
         for name in files:
             if (ckpt.root / name).read_bytes() != reader.file_path(name).read_bytes():
-                raise MismatchError(f"{name} in the store differs from {ckpt.root / name}")
+                raise VerificationError(f"{name} in the store differs from {ckpt.root / name}")
     finally:
         ckpt.close()
     return {"experts": len(entries), "tensors": sum(len(e.tensors) for e in entries),
@@ -304,7 +303,7 @@ def _compare_dense(reader: StoreReader, ckpt: Any, names: Sequence[str]) -> int:
         _same_keys("dense tensor", stored.names, sorted(names), ckpt.root)
         for name in stored.names:
             if stored.dtype(name) != ckpt.dtype(name):
-                raise MismatchError(f"dense tensor {name!r} is {stored.dtype(name)} in the store but "
+                raise VerificationError(f"dense tensor {name!r} is {stored.dtype(name)} in the store but "
                                     f"{ckpt.dtype(name)} in {ckpt.root}")
             _same_bytes(f"dense tensor {name!r}", ckpt.shapes[name], stored.read(name), ckpt.read(name))
         return len(stored.names)
@@ -317,7 +316,7 @@ def _same_keys(what: str, stored: Sequence[Any], original: Sequence[Any], agains
         missing = sorted(set(original) - set(stored))
         extra = sorted(set(stored) - set(original))
         detail = f"missing {missing[0]}" if missing else f"not in the checkpoint: {extra[0]}"
-        raise MismatchError(f"the store's {what}s differ from {against}'s ({detail}); was the store "
+        raise VerificationError(f"the store's {what}s differ from {against}'s ({detail}); was the store "
                             "converted from another checkpoint?")
 
 
@@ -325,9 +324,9 @@ def _same_bytes(where: str, shape: Sequence[int], got: np.ndarray, want: np.ndar
     """Bit-for-bit equality of a decoded tensor and the original; the message locates the first difference."""
     a, b = got.reshape(-1).view(np.uint8), np.ascontiguousarray(want).reshape(-1).view(np.uint8)
     if tuple(shape) != tuple(want.shape) or a.size != b.size:
-        raise MismatchError(f"{where}: shape {list(shape)} in the store but {list(want.shape)} in the "
+        raise VerificationError(f"{where}: shape {list(shape)} in the store but {list(want.shape)} in the "
                             "checkpoint")
     if not np.array_equal(a, b):
         first = int(np.flatnonzero(a != b)[0])
-        raise MismatchError(f"{where}: differs from the checkpoint (first differing byte {first} of "
+        raise VerificationError(f"{where}: differs from the checkpoint (first differing byte {first} of "
                             f"{a.size})")

@@ -64,6 +64,19 @@ def test_resampled_curve_keeps_mass_and_order() -> None:
     assert len(t) == 8 and abs(t.sum() - 2) < 1e-9 and np.all(np.diff(t) <= 1e-12)
 
 
+@pytest.mark.parametrize(("model", "experts", "top_k"), [(QWEN, 8, 4), ("deepseek-v2-lite", 6, 2)])
+def test_few_experts_with_a_large_top_k(model: str, experts: int, top_k: int) -> None:
+    """Re-cut for few experts, the top ranks would be active more than once per step: capped at 1, mass kept."""
+    t = routing.window_target(model, 3, experts, top_k)
+    assert np.all(t <= 1.0) and abs(t.sum() - top_k) < 1e-9 and np.all(np.diff(t) <= 1e-12)
+    s = RoutingSampler(model, experts, top_k, 2, seed=0)
+    assert s.weights.shape == (2, experts) and np.all(np.diff(s.weights, axis=1) <= 0)
+    ids = s.new_request().step(1, 200)
+    assert ids.shape == (200, top_k) and all(len(set(row)) == top_k for row in ids.tolist())
+    assert ids.min() >= 0 and ids.max() < experts
+    assert np.all(routing.calibration_error(s, windows=500) < 0.1)  # approximate for a resampled (E, k)
+
+
 def test_steps_are_valid_topk() -> None:
     s = RoutingSampler(QWEN, 8, 2, 3, seed=0)
     r = s.new_request()

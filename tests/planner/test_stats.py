@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from zipmoe.errors import ZipMoEError
-from zipmoe.planner.profile_io import load_stats, profile_curves, save_stats, store_fingerprint
+from zipmoe.planner.profile_io import load_stats, profile_curves, resample_curve, save_stats, store_fingerprint
 from zipmoe.planner.stats import RankSnapshot, RoutingStats, rank_drift
 
 
@@ -64,6 +64,27 @@ def test_profile_curves_resample_and_stretch():
     assert c.shape == (7, 16) and np.allclose(c.sum(axis=1), 2) and np.all(np.diff(c, axis=1) <= 1e-12)
     with pytest.raises(ZipMoEError, match="choose one of"):
         profile_curves("mixtral", 2, 8)
+
+
+@pytest.mark.parametrize(("model", "experts", "top_k"), [("qwen1.5-moe-a2.7b", 8, 4),
+                                                         ("deepseek-v2-lite", 6, 2), ("qwen1.5-moe-a2.7b", 4, 3)])
+def test_few_experts_cap_each_rank_at_one_and_keep_the_mass(model, experts, top_k):
+    """Re-cut for few experts, the top ranks' shares exceed one activation per step; the excess moves down."""
+    for kind in ("window", "global"):
+        c = profile_curves(model, 5, experts, top_k=top_k, kind=kind)
+        assert np.all(c <= 1.0) and np.allclose(c.sum(axis=1), top_k) and np.all(np.diff(c, axis=1) <= 1e-12)
+    assert np.isclose(profile_curves(model, 1, experts, top_k=top_k)[0, 0], 1.0)  # the cap is reached
+
+
+def test_resample_curve_water_fills():
+    skewed = np.array([0.9, 0.9, 0.1, 0.05, 0.05])  # shares 0.45, 0.45, ... → at k=3: 1.35, 1.35, 0.3, …
+    c = resample_curve(skewed, 5, 3)
+    assert np.allclose(c, [1, 1, 0.5, 0.25, 0.25]) and np.isclose(c.sum(), 3)
+    flat = resample_curve(np.full(4, 0.5), 8, 2)  # nothing to cap: the plain re-cut
+    assert np.allclose(flat, 0.25)
+    assert np.allclose(resample_curve(skewed, 5, 5), 1.0)
+    with pytest.raises(ZipMoEError, match="top_k"):
+        resample_curve(skewed, 4, 5)
 
 
 @pytest.fixture

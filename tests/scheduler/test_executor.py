@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from zipmoe.errors import ChecksumError, ZipMoEError
-from zipmoe.scheduler.executor import Executor, ExpertTaskError
+from zipmoe.errors import ChecksumError, ExpertTaskError, ZipMoEError
+from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.schedule import schedule
 from zipmoe.scheduler.tasks import MERGE, CostModel, DecodeStep, ExpertTask, Plan
 from zipmoe.types import ExpertKey, State

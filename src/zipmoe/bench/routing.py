@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from zipmoe.errors import ZipMoEError
+from zipmoe.planner.profile_io import resample_curve  # one resampling rule for the planner's priors and this
 
 PROFILE_MODELS = ("qwen1.5-moe-a2.7b", "deepseek-v2-lite")
 FIT_VERSION = 1  # bump when the fitting procedure changes (invalidates disk caches)
@@ -46,14 +47,6 @@ def _profile(model: str) -> dict:
     if model not in models:
         raise ZipMoEError(f"no routing profile for {model!r}: choose one of {sorted(models)}")
     return models[model]
-
-
-def resample_curve(curve: np.ndarray, num_experts: int, top_k: int) -> np.ndarray:
-    """A rank curve for another (E, k): the cumulative share over rank quantiles, re-cut into E ranks × k."""
-    cum = np.concatenate([[0.0], np.cumsum(curve) / curve.sum()])
-    x_old = np.linspace(0.0, 1.0, len(curve) + 1)
-    cut = np.interp(np.linspace(0.0, 1.0, num_experts + 1), x_old, cum)
-    return np.minimum(np.diff(cut) * top_k, 1.0)
 
 
 def window_target(model: str, profile_layer: int, num_experts: int, top_k: int) -> np.ndarray:

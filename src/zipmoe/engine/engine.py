@@ -23,6 +23,7 @@ from zipmoe.codec.coders.base import ExponentCoder
 from zipmoe.codec.merge import merge_into
 from zipmoe.engine.metrics import EngineStats
 from zipmoe.engine.planning import PlannedPools
+from zipmoe.engine.prefetch import Prefetcher
 from zipmoe.errors import ZipMoEError
 from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.schedule import schedule
@@ -59,12 +60,14 @@ class ExpertShapes:
 class _Load:
     """Buffers and progress of one expert being loaded in the current wave (compute-thread owned)."""
 
-    __slots__ = ("e_buf", "entry", "exp", "fused", "key", "out", "out_u16", "shards", "slot", "sm", "sm_buf", "state")
+    __slots__ = ("e_buf", "entry", "exp", "fused", "key", "out", "out_u16", "prefetched", "shards", "slot", "sm",
+                 "sm_buf", "state")
 
     def __init__(self, key: ExpertKey, state: State, entry: ExpertEntry):
         self.key, self.state, self.entry = key, state, entry
         self.fused = state in _FUSED_STATES
         self.slot = -1  # staging slot index within the wave
+        self.prefetched: tuple[np.ndarray, np.ndarray] | None = None  # (SM plane, E region) read ahead
         self.sm: np.ndarray | None = None  # SM plane [N] (cache slot or read buffer)
         self.shards: list[np.ndarray] = []  # K compressed exponent shards
         self.sm_buf: np.ndarray | None = None  # where a SM read lands
@@ -110,6 +113,7 @@ class Engine:
         self, reader: StoreReader, cache: ExpertCache, executor: Executor, coder: ExponentCoder,
         costs: CostModel, device: torch.device, shapes: ExpertShapes, staging_slots: int,
         read_bytes_per_s: float | None = None, pools: PlannedPools | None = None,
+        prefetcher: Prefetcher | None = None,
     ):
         self.reader, self.cache, self.executor, self.coder = reader, cache, executor, coder
         self.costs, self.device, self.shapes = costs, device, shapes
@@ -117,6 +121,10 @@ class Engine:
             raise ZipMoEError("the engine needs a finite merge rate in its cost model (E and MISS loads merge)")
         self.stats = EngineStats()
         self.pools = pools  # planned pool layout + routing statistics; None: the cache's own policy
+        self.prefetcher = prefetcher  # reads the next layer's predicted experts; None: no prefetch
+        if prefetcher is None:
+            self.hint = None  # models/compute skips predicting when the source takes no hints
+        self._reads_left = 0  # reads of the current layer not yet done (I/O thread decrements)
         self.read_bytes_per_s = read_bytes_per_s  # optional cap emulating a slower disk
         self._io_free_at = 0.0  # when the capped channel may start its next read
         self.staging = cache.staging(staging_slots, exp=True)
@@ -137,11 +145,16 @@ class Engine:
         keys = [ExpertKey(layer, e) for e in needed]
         if self.pools is not None:
             self.pools.observe(layer, needed)
+        prefetched = self._collect(layer)
         with self.cache.acquire(keys) as lease:
             hits, loads = [], []
             for key, state in zip(keys, lease.states, strict=True):
                 self.stats.hits[state.name] += 1
-                (hits if state is State.F else loads).append(_Load(key, state, self.reader.entries[key]))
+                load = _Load(key, state, self.reader.entries[key])
+                if state is not State.F and state is not State.C and key in prefetched:
+                    load.prefetched, load.state, load.fused = prefetched[key], State.C, True
+                (hits if state is State.F else loads).append(load)
+            self._count_prefetch(prefetched, loads)
             n = self.staging.n
             waves = [loads[i : i + n] for i in range(0, len(loads), n)] or [[]]
             waves[0] = hits + waves[0]  # F hits ride in the first plan: computed while its reads run
@@ -180,11 +193,15 @@ class Engine:
         """Point a load at its buffers: cache slots where the policy keeps a plane, else staging slot."""
         cache, st, key = self.cache, self.staging, load.key
         t = cache.targets(key)
-        if load.state in (State.C, State.S):
+        if load.prefetched is not None:
+            self._bind_prefetched(load, t)
+        elif load.state in (State.C, State.S):
             load.sm = cache.sm_view(key)
         else:
             load.sm_buf = t.sm if t.sm is not None else st.sm.views[slot]
-        if load.state in (State.C, State.E):
+        if load.prefetched is not None:
+            pass
+        elif load.state in (State.C, State.E):
             load.shards = self._split_shards(load.entry, cache.e_view(key))
         else:
             load.e_buf = t.e if t.e is not None else st.e.views[slot]
@@ -198,6 +215,48 @@ class Engine:
             load.out_u16, load.out = t.full_u16, t.full
         else:
             load.out_u16, load.out = st.full.u16[slot], st.full.views[slot]
+
+    def _bind_prefetched(self, load: _Load, t) -> None:
+        """Decode from the prefetched planes (or the cache's, where it holds one); copy into the slots the
+        admission policy handed out, so the cache keeps them as if it had read them itself."""
+        cache, key, entry = self.cache, load.key, load.entry
+        sm, region = load.prefetched
+        held = cache.state(key)
+        load.sm = cache.sm_view(key) if held is State.S else sm
+        load.shards = self._split_shards(entry, cache.e_view(key) if held is State.E else region)
+        if t.sm is not None:
+            np.copyto(t.sm[: entry.numel], sm)
+        if t.e is not None:
+            np.copyto(t.e[: entry.e_length], region)
+
+    def _collect(self, layer: int) -> dict:
+        if self.prefetcher is None:
+            return {}
+        self.prefetcher.layer_started()
+        got = self.prefetcher.collect(layer)
+        counters = self.prefetcher.counters
+        self.stats.prefetch_bytes_read = counters.bytes_read
+        return got
+
+    def _count_prefetch(self, prefetched: dict, loads: list[_Load]) -> None:
+        """Prediction accounting, and the number of reads after which the disk is free for prefetch."""
+        reads = sum((ld.state in (State.E, State.MISS)) + (ld.state in (State.S, State.MISS)) for ld in loads)
+        self._reads_left = reads
+        if self.prefetcher is None:
+            return
+        c = self.prefetcher.counters
+        used = sum(ld.prefetched is not None for ld in loads)
+        c.used += used
+        if prefetched:
+            c.missed += sum(ld.state is not State.C for ld in loads)
+        if reads == 0:
+            self.prefetcher.disk_free()
+
+    def hint(self, layer: int, experts: list[int]) -> None:
+        """ExpertSource hint: the next MoE layer will probably need `experts`; read ahead what is not held."""
+        keys = [k for e in experts if (k := ExpertKey(layer, e)) in self.reader.entries
+                and self.cache.state(k) not in (State.F, State.C)]
+        self.prefetcher.hint(layer, keys)
 
     @staticmethod
     def _split_shards(entry: ExpertEntry, region: np.ndarray) -> list[np.ndarray]:
@@ -233,6 +292,9 @@ class Engine:
                 time.sleep(delay)
         self.stats.io_busy_s += time.perf_counter() - t0
         self.stats.bytes_read += nbytes
+        self._reads_left -= 1  # only the I/O thread writes it during a layer
+        if self._reads_left == 0 and self.prefetcher is not None:
+            self.prefetcher.disk_free()
         if plane == "sm":
             self.stats.sm_bytes_read += nbytes
         else:
@@ -265,6 +327,8 @@ class Engine:
             return
         self._closed = True
         self.executor.close()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         if self.pools is not None:
             self.pools.close()
         if self._cuda:

@@ -20,7 +20,8 @@ log = logging.getLogger("zipmoe.engine")
 @dataclass
 class EngineStats:
     hits: dict[str, int] = field(default_factory=lambda: {s.name: 0 for s in State})  # experts served per state
-    bytes_read: int = 0  # bytes read from the store's data file
+    bytes_read: int = 0  # bytes read from the store's data file by the executor's I/O thread
+    prefetch_bytes_read: int = 0  # bytes the prefetch thread read (updated by the compute thread)
     sm_bytes_read: int = 0
     e_bytes_read: int = 0
     decode_s: float = 0.0  # summed worker time spent decoding exponent shards (+ fused merge)
@@ -47,7 +48,8 @@ class EngineStats:
             "hits": dict(self.hits),
             "experts_served": served,
             "hit_rate": {k: (v / served if served else 0.0) for k, v in self.hits.items()},
-            "bytes_read": self.bytes_read,
+            "bytes_read": self.bytes_read + self.prefetch_bytes_read,
+            "prefetch_bytes_read": self.prefetch_bytes_read,
             "sm_bytes_read": self.sm_bytes_read,
             "e_bytes_read": self.e_bytes_read,
             "decode_s": self.decode_s,

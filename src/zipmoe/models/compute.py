@@ -12,8 +12,10 @@ T=tokens K=top-k S=T*K routed slots H=hidden I=expert intermediate E=experts.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -117,10 +119,36 @@ _FORWARDS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class NextRouter:
+    """The next MoE layer's router weights, to guess its experts from this layer's hidden states."""
+
+    layer: int  # decoder layer index of the next MoE layer
+    weight: torch.Tensor  # [E, H] router weight (not a copy)
+    top_k: int  # experts per token
+
+
+PREFETCH_MAX_TOKENS = 4  # hint only for decode-sized calls; a prefill needs nearly every expert anyway
+
+
+def _hint_next_layer(self: nn.Module, hidden_states: torch.Tensor) -> None:
+    """Tell the source which experts the next MoE layer will probably need (read-only: never changes
+    this layer's output). Applies the next layer's router to this layer's input hidden states."""
+    nxt: NextRouter | None = self._zipmoe_next
+    hint = getattr(self._zipmoe_source, "hint", None)
+    if nxt is None or hint is None or hidden_states.shape[0] > PREFETCH_MAX_TOKENS:
+        return
+    with torch.no_grad():
+        logits = nn.functional.linear(hidden_states.to(nxt.weight.dtype), nxt.weight)
+        ids = torch.topk(logits, nxt.top_k, dim=-1).indices.flatten().tolist()
+    hint(nxt.layer, list(dict.fromkeys(ids)))  # unique, in rank order of the first token
+
+
 def zipmoe_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """The registered "zipmoe" implementation: dispatch to the reference picked at install time."""
+    _hint_next_layer(self, hidden_states)
     return self._zipmoe_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
@@ -137,6 +165,22 @@ def experts_modules(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
                 raise UnsupportedModelError(f"experts module {name!r} is not under a '.layers.<n>.' path")
             found.append((int(m.group(1)), name, module))
     return found
+
+
+def _next_routers(model: nn.Module, modules: list[tuple[int, str, nn.Module]]) -> dict[int, NextRouter]:
+    """layer -> the following MoE layer's router (the experts module's sibling `gate` with a 2-D weight)."""
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    gates = []
+    for layer, name, _ in sorted(modules):
+        gate = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "gate", None)
+        weight = getattr(gate, "weight", None)
+        k = getattr(gate, "top_k", None) or top_k
+        gates.append((layer, weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None, k))
+    return {
+        layer: NextRouter(nxt, weight, int(k))
+        for (layer, _, _), (nxt, weight, k) in itertools.pairwise(gates)
+        if weight is not None and isinstance(k, int)
+    }
 
 
 def _check_layout(name: str, module: nn.Module) -> None:
@@ -177,8 +221,10 @@ def install(model: nn.Module, source: ExpertSource, reference: str | None = None
             f"{type(model).__name__} has no fused experts module (gate_up_proj/down_proj under "
             "@use_experts_implementation); per-expert nn.Linear layouts need a dedicated adapter"
         )
+    routers = _next_routers(model, modules)
     for layer, name, module in modules:
         _check_layout(name, module)
+        module._zipmoe_next = routers.get(layer)
         for pname in ("gate_up_proj", "down_proj"):
             old = getattr(module, pname)
             setattr(module, pname, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),

@@ -22,6 +22,7 @@ from zipmoe.config import format_size
 from zipmoe.engine.engine import Engine, ExpertShapes
 from zipmoe.engine.metrics import StepClock
 from zipmoe.engine.planning import PlannedPools
+from zipmoe.engine.prefetch import Prefetcher
 from zipmoe.errors import UnsupportedModelError, ZipMoEError
 from zipmoe.models.build import build_model_without_experts
 from zipmoe.models.compute import install
@@ -62,6 +63,7 @@ def load(
     costs: CostModel = DEFAULT_COSTS,
     capacities: dict[State, int] | None = None,
     planning: bool = False,
+    prefetch: bool = False,
 ) -> torch.nn.Module:
     """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
 
@@ -73,20 +75,22 @@ def load(
     e.g. {State.F: n} for a plain uncompressed LRU cache. planning: when the budget cannot hold every
     expert decoded, size the pools from routing statistics and this machine's measured costs
     (engine/planning.py) instead of the default all-C split. Off by default: on the device
-    (BENCHMARKS.md, ablation) the planned split was slower than all-C at batch 1.
+    (BENCHMARKS.md, ablation) the planned split was slower than all-C at batch 1. prefetch: read the
+    next MoE layer's predicted experts (its router applied to this layer's hidden states) while the
+    disk would idle; outputs are unchanged, the read-ahead slots come out of the budget.
     """
     device = torch.device(device)
     reader = StoreReader(store, direct_io=direct_io)
     try:
         return _load(reader, device, memory_budget, workers, eviction, staging_slots,
-                     experts_implementation, read_bytes_per_s, costs, capacities, planning)
+                     experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch)
     except BaseException:
         reader.close()
         raise
 
 
 def _load(reader, device, memory_budget, workers, eviction, staging_slots, experts_implementation,
-          read_bytes_per_s, costs, capacities, planning):
+          read_bytes_per_s, costs, capacities, planning, prefetch):
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
@@ -108,20 +112,25 @@ def _load(reader, device, memory_budget, workers, eviction, staging_slots, exper
         budget = MemoryBudget(memory_budget)
     budget.reserve("dense", dense_bytes)
     budget.reserve("staging", staging)  # the pools are sized around it; the engine allocates it below
+    top_k = _top_k(reader.config)
+    if prefetch:
+        budget.reserve("prefetch", Prefetcher.nbytes(top_k, per_entry[State.S], per_entry[State.E]))
     workers = workers or default_workers()
     pools = None
     fits = budget.free() >= len(entries) * per_entry[State.F]
     if capacities is not None:
         capacities = {p: capacities.get(p, 0) for p in (State.F, State.C, State.S, State.E)}
     elif planning and not fits:
-        pools = PlannedPools(reader, device.type, workers, _top_k(reader.config), budget.free())
+        pools = PlannedPools(reader, device.type, workers, top_k, budget.free())
         capacities, costs = pools.plan.capacities, pools.costs
     cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction,
                         capacities=capacities, admission=pools.admission if pools else None)
     budget.release("staging")
+    prefetcher = Prefetcher(reader, top_k, per_entry[State.S], per_entry[State.E],
+                            pinned=device.type == "cuda") if prefetch else None
     engine = Engine(reader, cache, Executor(workers),
                     get_coder(reader.manifest.codec_id, **reader.manifest.codec_params),
-                    costs, device, shapes, slots, read_bytes_per_s, pools)
+                    costs, device, shapes, slots, read_bytes_per_s, pools, prefetcher)
     try:
         engine.warmup()
         model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)

@@ -130,11 +130,31 @@ def _profiles() -> dict[str, Any]:
 
 
 def resample_curve(curve: np.ndarray, num_experts: int, top_k: float) -> np.ndarray:
-    """The same cumulative share over rank quantiles, re-cut into `num_experts` ranks summing to top_k."""
+    """The same cumulative share over rank quantiles, re-cut into `num_experts` ranks summing to top_k,
+    each p_r <= 1 (a rank is active at most once per step; with few experts the top ranks hit that cap)."""
+    if not 0 < top_k <= num_experts:
+        raise ZipMoEError(f"a curve of {num_experts} ranks cannot sum to top_k={top_k}: need 0 < top_k <= ranks")
     curve = np.asarray(curve, dtype=np.float64)
     cum = np.concatenate([[0.0], np.cumsum(curve) / curve.sum()])
     cut = np.interp(np.linspace(0.0, 1.0, num_experts + 1), np.linspace(0.0, 1.0, len(curve) + 1), cum)
-    return np.minimum(np.diff(cut) * top_k, 1.0)
+    return _cap_at_one(np.diff(cut) * top_k)
+
+
+def _cap_at_one(p: np.ndarray) -> np.ndarray:
+    """Water-filling: entries above 1 are pinned at 1 and their excess goes to the others in proportion
+    to their shares, until none exceeds 1. Keeps the sum (<= len(p)) and the order."""
+    total, pinned = float(p.sum()), np.zeros(len(p), dtype=bool)
+    while True:
+        free = p[~pinned].sum()
+        left = total - np.count_nonzero(pinned)
+        if free > 0:
+            out = np.where(pinned, 1.0, p * (left / free))
+        else:  # the unpinned ranks had no share at all: spread what is left evenly
+            out = np.where(pinned, 1.0, left / max(1, np.count_nonzero(~pinned)))
+        over = ~pinned & (out > 1.0)
+        if not over.any():
+            return out
+        pinned |= over
 
 
 def profile_curves(

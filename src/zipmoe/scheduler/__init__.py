@@ -4,7 +4,8 @@ tasks.py holds the plain data (ExpertTask, CostModel, Plan, PlanTimings); model.
 every function is judged in; sim.py runs plans in that model; exact.py is the exact oracle for tests.
 """
 
-from zipmoe.scheduler.executor import Executor, ExpertTaskError, LayerOps, RunHandle
+from zipmoe.errors import ExpertTaskError
+from zipmoe.scheduler.executor import Executor, LayerOps, RunHandle
 from zipmoe.scheduler.model import lower_bound
 from zipmoe.scheduler.sim import Order, simulate
 from zipmoe.scheduler.tasks import (

@@ -18,19 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from zipmoe.errors import ZipMoEError
+from zipmoe.errors import ExpertTaskError, ZipMoEError
 from zipmoe.scheduler.tasks import MERGE, DecodeStep, ExpertTimes, IoStep, Plan, Plane, PlanTimings
 from zipmoe.types import ExpertKey
 
 _FAILED = -1  # ready-queue marker: look at _Run.error
-
-
-class ExpertTaskError(ZipMoEError):
-    """An engine op failed for one expert (the original exception is the __cause__)."""
-
-    def __init__(self, message: str, key: ExpertKey, stage: str):
-        super().__init__(message)
-        self.key, self.stage = key, stage
 
 
 class LayerOps(Protocol):

@@ -1,0 +1,130 @@
+"""Cross-layer prefetch: read the planes of experts the next MoE layer will probably need while the
+disk would otherwise idle (the current layer's decode tail, merge, copies and compute).
+
+Arrow: models/compute hints (next layer, predicted experts) → Prefetcher thread reads their SM plane
+and E region (checksummed) into its own slots → the engine collects them at the next layer and
+decodes them like C-state experts. Predictions never change outputs: a prefetched plane is the same
+verified bytes a normal read would bring. Threads: one "zipmoe-prefetch" thread reads; the compute
+thread hints, collects and marks the layer's own reads done. A misprediction costs at most the one
+read in flight when the next layer starts; queued reads are dropped.
+Slots come in two sets used by alternate hints, so a set being decoded by layer l+1 is never
+overwritten by the reads for layer l+2. Sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from zipmoe.cache.slabs import HostSlab
+from zipmoe.store.format import ExpertEntry
+from zipmoe.store.reader import StoreReader
+from zipmoe.types import ExpertKey
+
+
+@dataclass
+class PrefetchCounters:
+    hinted: int = 0  # experts predicted for a next layer (after dropping those already held)
+    read: int = 0  # of those, read before the layer came
+    used: int = 0  # read and then needed by that layer (correct predictions that saved a read)
+    missed: int = 0  # needed loads of hinted layers that no prefetch covered
+    bytes_read: int = 0  # bytes the prefetch thread read (counted into the engine's bytes read)
+
+    def snapshot(self) -> dict:
+        covered = self.used + self.missed
+        return {**self.__dict__, "precision": self.used / self.read if self.read else 0.0,
+                "coverage": self.used / covered if covered else 0.0}
+
+
+class Prefetcher:
+    """See the module docstring. `slots` experts per set; two sets; pinned host memory on CUDA."""
+
+    def __init__(self, reader: StoreReader, slots: int, sm_stride: int, e_stride: int, pinned: bool):
+        self.reader, self.slots = reader, slots
+        self._sm = HostSlab(2 * slots, sm_stride, pinned=pinned)
+        self._e = HostSlab(2 * slots, e_stride, pinned=pinned)
+        self.counters = PrefetchCounters()
+        self._cv = threading.Condition()
+        self._jobs: list[tuple[int, ExpertEntry, int]] = []  # (layer, entry, slot) not yet started
+        self._done: dict[ExpertKey, tuple[np.ndarray, list[np.ndarray], int]] = {}  # read, not collected
+        self._busy = False  # a read is in flight
+        self._disk_free = True  # the current layer's own reads are done
+        self._set = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="zipmoe-prefetch", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def nbytes(slots: int, sm_stride: int, e_stride: int) -> int:
+        return 2 * slots * (sm_stride + e_stride)
+
+    # ---- compute thread ----
+
+    def hint(self, layer: int, keys: Sequence[ExpertKey]) -> None:
+        """Queue reads for `keys` of `layer` (replacing older queued hints); held experts were dropped."""
+        keys = list(keys)[: self.slots]
+        with self._cv:
+            self._set ^= 1
+            base = self._set * self.slots
+            # planes still uncollected in the set about to be refilled are dropped, never served stale
+            self._done = {k: v for k, v in self._done.items() if v[2] // self.slots != self._set}
+            self._jobs = [(layer, self.reader.entries[k], base + i) for i, k in enumerate(keys)]
+            self.counters.hinted += len(keys)
+            self._cv.notify()
+
+    def layer_started(self) -> None:
+        """The compute thread's layer is about to read: keep the disk for it."""
+        with self._cv:
+            self._disk_free = False
+
+    def disk_free(self) -> None:
+        """The current layer's own reads are done: prefetch may use the disk."""
+        with self._cv:
+            self._disk_free = True
+            self._cv.notify()
+
+    def collect(self, layer: int) -> dict[ExpertKey, tuple[np.ndarray, list[np.ndarray]]]:
+        """(SM plane, E region) prefetched for `layer`; its queued reads are dropped, one in flight awaited."""
+        with self._cv:
+            self._jobs = [j for j in self._jobs if j[0] != layer]
+            while self._busy:
+                self._cv.wait()
+            got = {k: v[:2] for k, v in self._done.items() if k.layer == layer}
+            self._done = {k: v for k, v in self._done.items() if k.layer != layer}
+        return got
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+        self._sm.close()
+        self._e.close()
+
+    # ---- prefetch thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not (self._jobs and self._disk_free):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                _layer, entry, slot = self._jobs.pop(0)
+                self._busy = True
+            try:
+                sm = self.reader.read_sm_into(entry, self._sm.views[slot])
+                self.reader.read_e_into(entry, self._e.views[slot])
+                region = self._e.views[slot][: entry.e_length]  # the E region starts 4 KiB-aligned
+            except Exception:  # a bad chunk is reported by the normal read path when it is needed
+                sm = None
+            with self._cv:
+                self._busy = False
+                if sm is not None:
+                    self._done[entry.key] = (sm, region, slot)
+                    self.counters.read += 1
+                    self.counters.bytes_read += entry.sm.length + entry.e_length
+                self._cv.notify_all()
