@@ -67,13 +67,13 @@ def test_profile_curves_resample_and_stretch():
 
 
 @pytest.mark.parametrize(("model", "experts", "top_k"), [("qwen1.5-moe-a2.7b", 8, 4),
-                                                         ("deepseek-v2-lite", 6, 2), ("qwen1.5-moe-a2.7b", 4, 3)])
+                                                         ("deepseek-v2-lite", 6, 2), ("deepseek-v2-lite", 4, 3)])
 def test_few_experts_cap_each_rank_at_one_and_keep_the_mass(model, experts, top_k):
     """Re-cut for few experts, the top ranks' shares exceed one activation per step; the excess moves down."""
     for kind in ("window", "global"):
         c = profile_curves(model, 5, experts, top_k=top_k, kind=kind)
         assert np.all(c <= 1.0) and np.allclose(c.sum(axis=1), top_k) and np.all(np.diff(c, axis=1) <= 1e-12)
-    assert np.isclose(profile_curves(model, 1, experts, top_k=top_k)[0, 0], 1.0)  # the cap is reached
+    assert np.isclose(profile_curves(model, 9, experts, top_k=top_k).max(), 1.0)  # some layer hits the cap
 
 
 def test_resample_curve_water_fills():
