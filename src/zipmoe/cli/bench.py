@@ -1,7 +1,8 @@
 """`zipmoe bench <suite> [args]`: dispatch to a benchmark module in zipmoe.bench.
 
 Each suite is a module `zipmoe.bench.<name>` exposing `main(argv) -> int` with its own argparse
-(so `zipmoe bench codec --help` shows the suite's flags). Suites are listed only if installed.
+(so `zipmoe bench codec --help` shows the suite's flags; `zipmoe bench engine ...` is the same as
+`python -m zipmoe.bench.engine ...`). Suites are listed only if installed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from zipmoe.errors import ZipMoEError
 # suite name -> (module, one-line summary)
 SUITES: dict[str, tuple[str, str]] = {
     "codec": ("zipmoe.bench.codec", "exponent coders vs zipnn and zstd: ratio vs floor, encode/decode GB/s"),
-    "e2e": ("zipmoe.bench.e2e", "end-to-end decoding under a memory budget vs offloading baselines"),
+    "engine": ("zipmoe.bench.engine", "one engine, compressed vs uncompressed experts under a budget: "
+               "TTFT, TPOT, bytes read"),
+    "e2e": ("zipmoe.bench.e2e", "end-to-end: every system (zipmoe, offloading baselines) on one model, "
+            "budget and routing; resumable, with a report"),
 }
 
 
@@ -31,7 +35,7 @@ def configure_parser(subparsers: argparse._SubParsersAction) -> None:
     listing = "\n".join(f"  {name:8s} {summary}" for name, (_, summary) in suites.items())
     listing = listing or "  (none installed)"
     p = common.add_subcommand(
-        subparsers, "bench", help="benchmarks: exponent codecs (bench codec), later end-to-end decoding",
+        subparsers, "bench", help="benchmarks: " + ", ".join(SUITES) + " (zipmoe bench SUITE --help)",
         description=f"Run a benchmark suite.\n\nsuites:\n{listing}\n\n"
         "Run 'zipmoe bench SUITE --help' for the suite's flags.",
     )
