@@ -157,3 +157,22 @@ def test_package_profile_matches_shared_copy() -> None:
     if not shared.exists():
         pytest.skip("no ../shared checkout here")
     assert json.loads(shared.read_text()) == routing.load_profiles()
+
+
+def test_lookahead_routing_draws_the_same_sequence_as_without_peeking():
+    """The engine bench's oracle prefetch peeks at the next layer's draw; the routing must not change."""
+    from zipmoe.bench.engine import LookaheadRouting
+    from zipmoe.bench.routing import RouterOverride, RoutingSampler
+
+    def draws(peek: bool) -> list:
+        routing = LookaheadRouting(RouterOverride(RoutingSampler("qwen1.5-moe-a2.7b", 60, 4, 3, seed=7)))
+        routing.begin(2)
+        out = []
+        for _ in range(5):
+            for layer in range(3):
+                out.append(routing.topk(layer, 2, 1).tolist())
+                if peek and layer < 2:
+                    routing.peek(layer + 1, 2, 1)
+        return out
+
+    assert draws(peek=True) == draws(peek=False)

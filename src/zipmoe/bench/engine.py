@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import os
 import pstats
@@ -35,6 +36,65 @@ from zipmoe.engine.metrics import EngineStats, StepClock
 from zipmoe.models.load import load, unload
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import State
+
+
+class LookaheadRouting:
+    """The calibrated routing, able to draw a layer's experts before its router runs.
+
+    Each (request, layer) has its own random stream (bench/routing.py), so drawing layer l+1 early
+    and serving it when its router asks gives exactly the sequence an un-peeked run gets.
+    """
+
+    def __init__(self, override: RouterOverride):
+        self.override = override
+        self._ahead: dict[int, np.ndarray] = {}
+
+    @property
+    def rows(self):
+        return self.override.rows
+
+    def begin(self, batch: int) -> None:
+        self._ahead.clear()
+        self.override.begin(batch)
+
+    def topk(self, layer: int, rows: int, seq: int) -> np.ndarray:
+        ids = self._ahead.pop(layer, None)
+        return ids if ids is not None and ids.shape[0] == rows * seq else self.override.topk(layer, rows, seq)
+
+    def peek(self, layer: int, rows: int, seq: int) -> np.ndarray:
+        self._ahead[layer] = self.override.topk(layer, rows, seq)
+        return self._ahead[layer]
+
+
+def oracle_hints(model, routing: LookaheadRouting, accuracy: float, seed: int) -> None:
+    """Feed the engine's prefetcher the sampler's next-layer draws, each kept with probability
+    `accuracy` (else a random expert). Bench only: the sampled routing is unrelated to the model's
+    own routers, so router-based prediction cannot be measured on it. Results must say so."""
+    engine = model.zipmoe_engine
+    for m in model.modules():
+        if hasattr(m, "_zipmoe_next"):
+            m._zipmoe_next = None  # the model-side router prediction is replaced by these hints
+    layers = sorted({k.layer for k in engine.reader.entries})
+    following = dict(itertools.pairwise(layers))
+    num_experts = len({k.expert for k in engine.reader.entries})
+    rng = np.random.default_rng(seed)
+    for name, module in model.named_modules():
+        if not (name.endswith("mlp.gate") and hasattr(module, "weight")):
+            continue
+        layer = int(name.split("layers.")[1].split(".")[0])
+        if layer not in following:
+            continue
+
+        def hook(mod, args, output, layer=layer):
+            tokens = args[0].reshape(-1, args[0].shape[-1]).shape[0]
+            rows = len(routing.rows)
+            if tokens // rows > 4:  # decode-sized calls only, like the model-side prediction
+                return
+            ids = routing.peek(following[layer], rows, tokens // rows).reshape(-1)
+            noisy = np.where(rng.random(ids.shape) < accuracy, ids, rng.integers(0, num_experts, ids.shape))
+            engine.hint(following[layer], list(dict.fromkeys(noisy.tolist())))
+
+        module.register_forward_hook(hook)
 
 
 def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
@@ -94,7 +154,7 @@ def run(args) -> dict:
               "disk_bytes_per_s": bw, "workers": args.workers, "device": args.device, **timings, "runs": []}
     sampler = RoutingSampler("qwen1.5-moe-a2.7b", cfg["num_experts"], cfg["num_experts_per_tok"],
                              cfg["num_hidden_layers"], seed=args.seed)
-    override = RouterOverride(sampler)
+    override = LookaheadRouting(RouterOverride(sampler))
     staging = 8 * numel * 8 + (1 << 24)
     for frac in args.budgets:
         for name in args.systems:
@@ -102,9 +162,12 @@ def run(args) -> dict:
             if name == "uncompressed-lru":  # every budget byte holds decoded experts, LRU
                 store, extra = stores[name], {"capacities": {State.F: int(frac * expert_bf16) // (2 * numel)}}
             else:  # zipmoe: the default split (every pool byte in C) + LRU; zipmoe-planned: planner's sizes
-                store, extra = stores["zipmoe"], {"planning": name == "zipmoe-planned"}
+                store = stores["zipmoe"]
+                extra = {"planning": name == "zipmoe-planned", "prefetch": name == "zipmoe-prefetch"}
             model = load(store, device=args.device, memory_budget=budget, workers=args.workers, **extra)
             hook_routers(model, override)
+            if name == "zipmoe-prefetch":
+                oracle_hints(model, override, args.prefetch_accuracy, args.seed)
             try:
                 measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up: CUDA, kernels
                 for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
@@ -118,7 +181,10 @@ def run(args) -> dict:
                         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
                         Path(args.profile).mkdir(parents=True, exist_ok=True)
                         (Path(args.profile) / f"profile-{name}-{frac}.txt").write_text(out.getvalue())
-                    pools = model.zipmoe_engine.pools
+                    pools, prefetcher = model.zipmoe_engine.pools, model.zipmoe_engine.prefetcher
+                    if prefetcher is not None:
+                        m["prefetch"] = {**prefetcher.counters.snapshot(), "hints": "sampler oracle",
+                                         "accuracy": args.prefetch_accuracy}
                     m.update(system=name, budget_frac=frac, memory_budget=budget,
                              capacities={p.name: c for p, c in model.zipmoe_engine.cache.capacity.items()},
                              plan=pools.plan.describe() if pools else None,
@@ -151,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
-    p.add_argument("--systems", nargs="+", default=["zipmoe", "zipmoe-planned", "uncompressed-lru"],
-                   choices=["zipmoe", "zipmoe-planned", "uncompressed-lru"])
+    p.add_argument("--systems", nargs="+", default=["zipmoe", "zipmoe-prefetch", "zipmoe-planned", "uncompressed-lru"],
+                   choices=["zipmoe", "zipmoe-prefetch", "zipmoe-planned", "uncompressed-lru"])
+    p.add_argument("--prefetch-accuracy", type=float, default=0.85,
+                   help="zipmoe-prefetch: share of next-layer experts the (sampler-oracle) hints get right")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--big-batch", type=int, default=16)

@@ -35,7 +35,8 @@ def configure_parser(subparsers: argparse._SubParsersAction) -> None:
     listing = "\n".join(f"  {name:8s} {summary}" for name, (_, summary) in suites.items())
     listing = listing or "  (none installed)"
     p = common.add_subcommand(
-        subparsers, "bench", help="benchmarks: " + ", ".join(SUITES) + " (zipmoe bench SUITE --help)",
+        subparsers, "bench",
+        help="benchmarks: codec (exponent coders), engine (zipmoe vs uncompressed experts), e2e (all systems)",
         description=f"Run a benchmark suite.\n\nsuites:\n{listing}\n\n"
         "Run 'zipmoe bench SUITE --help' for the suite's flags.",
     )

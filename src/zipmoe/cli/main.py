@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate text for one prompt from a store",
     "chat": "interactive streaming chat with a store, using the model's chat template",
     "serve": "serve a store through an OpenAI-compatible HTTP API",
-    "bench": "benchmarks: exponent codecs (bench codec), later end-to-end decoding",
+    "bench": "benchmarks: codec (exponent coders), engine (zipmoe vs uncompressed experts), e2e (all systems)",
 }
 
 _EPILOG = """examples:
