@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "zipmoe"
-LAYERS = [{"types", "errors", "config"}, {"codec"}, {"store"}, {"cache", "planner"}, {"scheduler"},
+LAYERS = [{"types", "errors", "config"}, {"codec"}, {"store"}, {"scheduler"}, {"cache", "planner"},
           {"engine"}, {"models"}, {"convert", "report", "checkpoint", "generation", "demo", "serve", "cli", "bench",
                                    ""}]  # "" = the zipmoe facade (__init__.py: lazy convert / load)
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}

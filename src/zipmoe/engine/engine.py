@@ -24,7 +24,7 @@ from zipmoe.codec.merge import merge_into
 from zipmoe.engine.metrics import EngineStats
 from zipmoe.engine.planning import PlannedPools
 from zipmoe.engine.prefetch import Prefetcher
-from zipmoe.errors import ZipMoEError
+from zipmoe.errors import UnsupportedModelError, ZipMoEError
 from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.schedule import schedule
 from zipmoe.scheduler.tasks import CostModel
@@ -53,7 +53,8 @@ class ExpertShapes:
     def of(cls, entry: ExpertEntry) -> ExpertShapes:
         gate, up, down = (entry.tensor(n).shape for n in ("gate", "up", "down"))
         if gate != up or tuple(down) != (gate[1], gate[0]):
-            raise ValueError(f"{entry.key}: unexpected projection shapes gate {gate} up {up} down {down}")
+            raise UnsupportedModelError(f"{entry.key}: projection shapes gate {gate} up {up} down {down} are not a "
+                                        "gated MLP (gate == up, down == up transposed); zipmoe cannot serve them")
         return cls(gate_up=(2 * gate[0], gate[1]), down=(down[0], down[1]))
 
 
