@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -296,6 +296,19 @@ def stream(handle: ModelHandle, prompt_ids: Sequence[int], params: SamplingParam
     gen.release()
     return gen.result()
 
+
+
+def write_stream(
+    out: TextIO, handle: ModelHandle, prompt_ids: Sequence[int], params: SamplingParams
+) -> GenerationResult:
+    """Stream the completion's text to a file-like `out` as it is generated; return the result."""
+    gen = stream(handle, prompt_ids, params)
+    while True:
+        try:
+            out.write(next(gen))
+            out.flush()
+        except StopIteration as stop:
+            return stop.value
 
 def generate(handle: ModelHandle, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
     """Run one generation to the end (the same steps as the server, so greedy text matches it)."""

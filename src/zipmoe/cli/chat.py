@@ -43,7 +43,7 @@ class ChatSession:
         self.last: tuple | None = None  # (result, stats before, stats after) of the last reply
 
     def reply(self, text: str) -> None:
-        from zipmoe.generation import encode_chat, stream
+        from zipmoe.generation import encode_chat, write_stream
 
         head = [{"role": "system", "content": self.system}] if self.system else []
         messages = [*self.messages, {"role": "user", "content": text}]
@@ -53,14 +53,7 @@ class ChatSession:
                   f"{self.handle.context_length}; /reset to start over)")
             return
         before = self.handle.stats()
-        gen = stream(self.handle, ids, self.params)
-        while True:
-            try:
-                sys.stdout.write(next(gen))
-                sys.stdout.flush()
-            except StopIteration as stop:
-                result = stop.value
-                break
+        result = write_stream(sys.stdout, self.handle, ids, self.params)
         print()
         self.messages = [*messages, {"role": "assistant", "content": result.text}]
         self.last = (result, before, self.handle.stats())

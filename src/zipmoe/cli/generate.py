@@ -75,7 +75,7 @@ def format_stats(result, before: dict, after: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zipmoe.generation import encode_chat, encode_prompt, load_handle, stream
+    from zipmoe.generation import encode_chat, encode_prompt, load_handle, write_stream
 
     params = sampling_params(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -92,14 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise ZipMoEError(f"the prompt has {len(ids)} tokens but the model's context is "
                           f"{handle.context_length}; shorten it")
     before = handle.stats()
-    gen = stream(handle, ids, params)
-    while True:
-        try:
-            sys.stdout.write(next(gen))
-            sys.stdout.flush()
-        except StopIteration as stop:
-            result = stop.value
-            break
+    result = write_stream(sys.stdout, handle, ids, params)
     sys.stdout.write("\n")
     if args.stats:
         print(format_stats(result, before, handle.stats()), file=sys.stderr)
