@@ -9,13 +9,14 @@ import threading
 
 import pytest
 import torch
+import transformers
 from tests.tiny_models import build_tiny_checkpoint
 
 from zipmoe.convert import convert
 from zipmoe.errors import BudgetTooSmallError, ChecksumError
 from zipmoe.models.load import load, unload
 from zipmoe.store.reader import StoreReader
-from zipmoe.types import ExpertKey
+from zipmoe.types import ExpertKey, State
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,6 @@ def test_budget_too_small_names_the_minimum(store):
 
 def test_replanning_during_generation_keeps_logits_exact(store, tmp_path):
     """Planned pools re-plan in the background while the model runs: outputs must not change."""
-    import transformers
 
     with StoreReader(store) as r:
         numel = next(iter(r.entries.values())).numel
@@ -93,5 +93,95 @@ def test_replanning_during_generation_keeps_logits_exact(store, tmp_path):
                 assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
         pools._thread.shutdown(wait=True)
         assert pools.replans > 0
+    finally:
+        unload(model)
+
+
+def test_closing_a_layer_early_drains_its_run(store, monkeypatch):
+    """An error in the caller's expert compute closes Engine.experts at a yield: every op of the run
+    must be over before the lease hands the slots back (else a late merge overwrites a reused slot)."""
+    import time
+
+    from zipmoe.engine.engine import LayerOps
+
+    finished: list[float] = []
+    merge = LayerOps.merge
+
+    def slow_merge(self, key):
+        time.sleep(0.2)
+        merge(self, key)
+        finished.append(time.perf_counter())
+
+    monkeypatch.setattr(LayerOps, "merge", slow_merge)
+    model = load(store, memory_budget=None, workers=2)
+    try:
+        engine = model.zipmoe_engine
+        gen = engine.experts(0, [0, 1, 2, 3, 4, 5])  # all cold: MISS loads, each with a merge step
+        next(gen)
+        gen.close()
+        closed = time.perf_counter()
+        time.sleep(1.0)  # let any op that was not drained run late
+        assert all(t <= closed for t in finished), "an op of the closed layer ran after the close returned"
+        ids = torch.randint(3, 150, (1, 8), generator=torch.Generator().manual_seed(9))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(store.parent / "hf")
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    finally:
+        unload(model)
+
+
+def test_failed_load_leaks_no_threads(store):
+    import dataclasses
+
+    from zipmoe.errors import ZipMoEError
+    from zipmoe.models.load import DEFAULT_COSTS
+
+    threads = threading.active_count()
+    bad = dataclasses.replace(DEFAULT_COSTS, merge_bytes_per_s=float("inf"))
+    with pytest.raises(ZipMoEError, match="finite merge rate"):
+        load(store, memory_budget=None, prefetch=True, costs=bad)
+    with pytest.raises(ZipMoEError):
+        load(store, memory_budget=None, prefetch=True, workers=-1)
+    assert threading.active_count() == threads
+
+
+def test_prefetch_never_serves_planes_of_an_older_fill(store):
+    """Three hints without a collect in between reuse a slot set while a read into it is in flight:
+    that read's planes must be dropped, never returned under its key."""
+    import time
+
+    from zipmoe.engine.prefetch import Prefetcher
+
+    with StoreReader(store) as reader:
+        a, b, c = ExpertKey(1, 5), ExpertKey(2, 0), ExpertKey(0, 7)
+        read = reader.read_sm_into
+
+        def slow_for_a(entry, buf):
+            if entry.key == a:
+                time.sleep(0.3)
+            return read(entry, buf)
+
+        reader.read_sm_into = slow_for_a
+        pf = Prefetcher(reader, 2, 1 << 20, 1 << 20, pinned=False)
+        try:
+            pf.hint(1, [a])
+            pf.disk_free()
+            time.sleep(0.1)  # a's read is in flight into set X
+            pf.hint(2, [b])
+            pf.hint(0, [c])  # refills set X
+            pf.disk_free()
+            got = pf.collect(1)
+            pf.collect(0)
+            assert a not in got, "served planes read into a slot set that was refilled since"
+        finally:
+            pf.close()
+
+
+def test_unbounded_budget_with_prefetch_still_keeps_every_expert_decoded(store):
+    model = load(store, memory_budget=None, prefetch=True, workers=2)
+    try:
+        with StoreReader(store) as r:
+            n = len(r.entries)
+        assert model.zipmoe_engine.cache.capacity[State.F] == n
     finally:
         unload(model)

@@ -160,12 +160,14 @@ class Engine:
             waves = [loads[i : i + n] for i in range(0, len(loads), n)] or [[]]
             waves[0] = hits + waves[0]  # F hits ride in the first plan: computed while its reads run
             for wave in waves:
-                run = self._start(wave)
-                by_key = {ld.key: ld for ld in wave}
-                for key in run:  # closing this generator early cancels and drains the run
-                    load = by_key[key]
-                    self._finish(load)
-                    yield key.expert, *self._views(load.out)
+                # `with`: an early close of this generator (or an error in the caller's compute) cancels
+                # and drains the run before the lease gives the slots back, so no op writes after it.
+                with self._start(wave) as run:
+                    by_key = {ld.key: ld for ld in wave}
+                    for key in run:
+                        load = by_key[key]
+                        self._finish(load)
+                        yield key.expert, *self._views(load.out)
                 self.stats.decode_s += run.timings.decode_busy_s
                 self.stats.stall_s += run.timings.stall_s
         self.stats.layer_s += time.perf_counter() - t_layer

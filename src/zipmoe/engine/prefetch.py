@@ -53,6 +53,7 @@ class Prefetcher:
         self._busy = False  # a read is in flight
         self._disk_free = True  # the current layer's own reads are done
         self._set = 0
+        self._fill = [0, 0]  # per set, bumped when a hint refills it: a read from an older fill is dropped
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="zipmoe-prefetch", daemon=True)
         self._thread.start()
@@ -68,6 +69,8 @@ class Prefetcher:
         keys = list(keys)[: self.slots]
         with self._cv:
             self._set ^= 1
+            self._fill[self._set] += 1
+            self._disk_free = False  # the hinting layer's own reads come first
             base = self._set * self.slots
             # planes still uncollected in the set about to be refilled are dropped, never served stale
             self._done = {k: v for k, v in self._done.items() if v[2] // self.slots != self._set}
@@ -114,6 +117,7 @@ class Prefetcher:
                 if self._stop:
                     return
                 _layer, entry, slot = self._jobs.pop(0)
+                fill = self._fill[slot // self.slots]
                 self._busy = True
             try:
                 sm = self.reader.read_sm_into(entry, self._sm.views[slot])
@@ -123,7 +127,7 @@ class Prefetcher:
                 sm = None
             with self._cv:
                 self._busy = False
-                if sm is not None:
+                if sm is not None and fill == self._fill[slot // self.slots]:
                     self._done[entry.key] = (sm, region, slot)
                     self.counters.read += 1
                     self.counters.bytes_read += entry.sm.length + entry.e_length

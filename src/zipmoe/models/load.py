@@ -9,6 +9,7 @@ Sizes in bytes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import weakref
 
@@ -106,15 +107,16 @@ def _load(reader, device, memory_budget, workers, eviction, staging_slots, exper
     per_entry = entry_bytes(numel, e_slot)
     staging = staging_nbytes(slots, numel, per_entry[State.S], per_entry[State.E], exp=True)
     staging += slots * 2 * numel if device.type == "cuda" else 0  # pinned host BF16 for the H2D copy
-    if memory_budget is None:  # room for every expert decoded
-        budget = MemoryBudget(dense_bytes + staging + len(entries) * per_entry[State.F])
+    top_k = _top_k(reader.config)
+    prefetch_bytes = Prefetcher.nbytes(top_k, per_entry[State.S], per_entry[State.E]) if prefetch else 0
+    if memory_budget is None:  # room for every expert decoded (and the read-ahead slots)
+        budget = MemoryBudget(dense_bytes + staging + prefetch_bytes + len(entries) * per_entry[State.F])
     else:
         budget = MemoryBudget(memory_budget)
     budget.reserve("dense", dense_bytes)
     budget.reserve("staging", staging)  # the pools are sized around it; the engine allocates it below
-    top_k = _top_k(reader.config)
     if prefetch:
-        budget.reserve("prefetch", Prefetcher.nbytes(top_k, per_entry[State.S], per_entry[State.E]))
+        budget.reserve("prefetch", prefetch_bytes)
     workers = workers or default_workers()
     pools = None
     fits = budget.free() >= len(entries) * per_entry[State.F]
@@ -126,11 +128,21 @@ def _load(reader, device, memory_budget, workers, eviction, staging_slots, exper
     cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction,
                         capacities=capacities, admission=pools.admission if pools else None)
     budget.release("staging")
-    prefetcher = Prefetcher(reader, top_k, per_entry[State.S], per_entry[State.E],
-                            pinned=device.type == "cuda") if prefetch else None
-    engine = Engine(reader, cache, Executor(workers),
-                    get_coder(reader.manifest.codec_id, **reader.manifest.codec_params),
-                    costs, device, shapes, slots, read_bytes_per_s, pools, prefetcher)
+    if not math.isfinite(costs.merge_bytes_per_s):  # checked before any thread starts
+        raise ZipMoEError("the cost model needs a finite merge rate (E and MISS loads merge)")
+    executor = prefetcher = None
+    try:
+        coder = get_coder(reader.manifest.codec_id, **reader.manifest.codec_params)
+        executor = Executor(workers)
+        prefetcher = Prefetcher(reader, top_k, per_entry[State.S], per_entry[State.E],
+                                pinned=device.type == "cuda") if prefetch else None
+        engine = Engine(reader, cache, executor, coder, costs, device, shapes, slots, read_bytes_per_s, pools,
+                        prefetcher)
+    except BaseException:  # nothing may keep running (threads) or held (slabs) after a failed load
+        for part in (executor, prefetcher, cache):
+            if part is not None:
+                part.close()
+        raise
     try:
         engine.warmup()
         model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)
