@@ -8,7 +8,6 @@ runs on the thread that owns the model. Times in seconds.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -88,25 +87,10 @@ def _load_store(
     path: Path, device: str, budget: int | str | None, threads: int | None
 ) -> tuple[Any, Callable]:
     """The engine path: zipmoe.load + its statistics (kept here so the switch lives in one place)."""
-    import zipmoe
+    from zipmoe.models.load import load
 
-    if not hasattr(zipmoe, "load"):
-        raise ZipMoEError("this zipmoe build has no engine (zipmoe.load); load a plain HF checkpoint instead")
-    kwargs: dict[str, Any] = {"device": device}
-    if budget is not None:
-        kwargs["memory_budget"] = budget
-    if threads is not None:
-        accepted = inspect.signature(zipmoe.load).parameters
-        name = next((n for n in ("threads", "workers", "decode_workers") if n in accepted), None)
-        if name is None:
-            log.warning("this engine does not take a thread count: --threads is ignored")
-        else:
-            kwargs[name] = threads
-    model = zipmoe.load(str(path), **kwargs)
-    if hasattr(zipmoe, "engine_stats"):
-        return model, lambda: zipmoe.engine_stats(model)
-    stats = model.zipmoe_engine.stats  # EngineStats (engine/metrics.py): snapshot() is a plain dict
-    return model, stats.snapshot if hasattr(stats, "snapshot") else stats
+    model = load(str(path), device=device, memory_budget=budget, workers=threads)
+    return model, model.zipmoe_engine.stats.snapshot
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
