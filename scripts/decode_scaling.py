@@ -33,4 +33,5 @@ for threads in [int(t) for t in sys.argv[1:]] or [1, 4, 8, 15]:
             t.join()
         best = min(best, time.perf_counter() - t0)
     assert np.array_equal(outs[0], u16)
-    print(f"threads {threads:2d}: {8 * numel * 2 / best / 1e9:6.2f} GB/s BF16 out ({8 * numel * 2 / best / 1e9 / threads:.2f} per thread)")
+    rate = 8 * numel * 2 / best / 1e9
+    print(f"threads {threads:2d}: {rate:6.2f} GB/s BF16 out ({rate / threads:.2f} per thread)")

@@ -3,17 +3,20 @@ first), its own router-based next-layer prediction, prefetch off vs on, two inte
 
     python scripts/demo_prefetch.py DIR/smollm2-moe.zipmoe
 """
+import statistics
 import sys
 
-import statistics, time, torch, transformers
+import transformers
+
 from zipmoe.models.load import load, unload
+
 store = sys.argv[1]
 tok = transformers.AutoTokenizer.from_pretrained(store)
 msgs = [{"role": "user", "content": "Explain in three sentences why the sky is blue."}]
 ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
 ids = ids["input_ids"] if hasattr(ids, "keys") else ids
 res = {}
-for rep in range(2):
+for _rep in range(2):
     for prefetch in (False, True):
         m = load(store, memory_budget=428_679_987, prefetch=prefetch, workers=1)
         st = m.zipmoe_engine.stats
@@ -22,8 +25,10 @@ for rep in range(2):
         steps = st.step_s[n0:]
         snap = st.snapshot()
         pf = m.zipmoe_engine.prefetcher.counters.snapshot() if prefetch else None
-        res.setdefault(prefetch, []).append((statistics.median(steps[1:]), snap["hit_rate"], pf, out[0, ids.shape[1]:].tolist()))
+        tokens = out[0, ids.shape[1]:].tolist()
+        res.setdefault(prefetch, []).append((statistics.median(steps[1:]), snap["hit_rate"], pf, tokens))
         unload(m)
 for k, v in res.items():
-    print("prefetch", k, "TPOT medians", [round(x[0], 3) for x in v], "hits", {a: round(b, 2) for a, b in v[-1][1].items()}, "prefetch", v[-1][2])
+    hits = {a: round(b, 2) for a, b in v[-1][1].items()}
+    print("prefetch", k, "TPOT medians", [round(x[0], 3) for x in v], "hits", hits, "prefetch", v[-1][2])
 print("same tokens:", res[False][0][3] == res[True][0][3])
