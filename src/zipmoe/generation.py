@@ -209,7 +209,8 @@ class Generation:
         p = self.params
         if p.temperature <= 0:
             return int(torch.argmax(logits).item())
-        probs = torch.softmax(logits.cpu() / p.temperature, dim=-1)
+        scaled = logits.cpu().double()  # float64 and max-shifted: a tiny temperature must not overflow to NaN
+        probs = torch.softmax((scaled - scaled.max()) / p.temperature, dim=-1).float()
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             drop = (torch.cumsum(sorted_p, 0) - sorted_p) >= p.top_p  # keep the smallest set reaching top_p

@@ -305,7 +305,7 @@ def _compare_dense(reader: StoreReader, ckpt: Any, names: Sequence[str]) -> int:
             if stored.dtype(name) != ckpt.dtype(name):
                 raise VerificationError(f"dense tensor {name!r} is {stored.dtype(name)} in the store but "
                                     f"{ckpt.dtype(name)} in {ckpt.root}")
-            _same_bytes(f"dense tensor {name!r}", ckpt.shapes[name], stored.read(name), ckpt.read(name))
+            _same_bytes(f"dense tensor {name!r}", stored.shapes[name], stored.read(name), ckpt.read(name))
         return len(stored.names)
     finally:
         stored.close()

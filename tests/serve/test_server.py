@@ -113,6 +113,8 @@ def test_stop_and_seed(server, handle):
         (b'{"model": "tinychat", "prompt": "hi", "max_tokens": 100000000}', 400, "max_tokens"),
         (b'{"model": "tinychat", "prompt": "hi", "temperature": 9}', 400, "temperature"),
         (b'{"model": "tinychat"}', 400, "prompt"),
+        (b'{"model": "tinychat", "prompt": ""}', 400, "prompt"),  # no tokens at all
+        (b'{"model": "tinychat", "prompt": "hi", "seed": 1180591620717411303424}', 400, "seed"),  # 2**70
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, param):

@@ -62,6 +62,8 @@ def _params(svc: GenerationService, body: p.ChatCompletionRequest | p.Completion
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
                        f"'{handle.model_id}' (see /v1/models)", "model", "model_not_found")
     ctx = handle.context_length
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty: give at least one token of text", prompt_param)
     if len(prompt_ids) >= ctx:
         raise APIError(400, f"This model's maximum context length is {ctx} tokens; the prompt has "
                        f"{len(prompt_ids)}. Shorten the prompt.", prompt_param, "context_length_exceeded")

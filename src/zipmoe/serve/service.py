@@ -101,6 +101,12 @@ class GenerationService:
         """The client went away: free its slot at the next round (safe to call more than once)."""
         req.cancelled.set()
         with self._wake:
+            try:  # a waiting request leaves the queue now, so abandoned requests cannot fill it
+                self._waiting.remove(req)
+                self.metrics.record_finished("cancelled", len(req.prompt_ids), 0, None, None)
+                self.metrics.queued.set(len(self._waiting))
+            except ValueError:
+                pass  # already admitted or finished: its slot is freed at the next round
             self._wake.notify()
 
     def status(self) -> dict[str, Any]:
@@ -131,8 +137,10 @@ class GenerationService:
                 continue
             try:
                 gen = Generation(self.handle, req.prompt_ids, req.params, t_submit=req.t_submit)
-            except ZipMoEError as exc:
+            except Exception as exc:  # a bad request must never kill the engine thread
+                log.exception("cannot start generation")
                 req.push(Failed(str(exc)))
+                self.metrics.record_finished("error", len(req.prompt_ids), 0, None, None)
                 continue
             self._running.append((req, gen))
         self.metrics.active.set(len(self._running))

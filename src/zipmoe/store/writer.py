@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -350,12 +351,18 @@ class StoreWriter:
 
     def _install(self) -> None:
         check_destination(self.dest, self.overwrite)
-        old = self.dest.with_name(f"{self.dest.name}.zipmoe-old-{os.getpid()}")
-        if self.dest.exists():
+        old = None
+        if self.dest.exists():  # a fresh, unique place for the store being replaced (PIDs repeat)
+            old = Path(tempfile.mkdtemp(prefix=f"{self.dest.name}.zipmoe-old-", dir=self.dest.parent))
             os.rename(self.dest, old)
-        os.rename(self.tmp, self.dest)
+        try:
+            os.rename(self.tmp, self.dest)
+        except OSError:
+            if old is not None:
+                os.rename(old, self.dest)  # put the previous store back
+            raise
         fsync_dir(self.dest.parent)
-        if old.exists():
+        if old is not None:
             shutil.rmtree(old)
 
     @contextmanager
