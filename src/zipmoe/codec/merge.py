@@ -2,7 +2,8 @@
 
 n=weights. In: sm u8[n], exp u8[n]. Out: u16[n] written in place (the F slot or a staging buffer).
 `merge_reference` (planes.py) is the oracle; `merge_into` is the numba kernel (≈ memory speed,
-numpy needs 4 temporaries). The GPU merge lives in engine/device.py (codec never imports torch).
+numpy needs 4 temporaries). On CUDA the engine merges here too, into pinned host memory, then copies
+BF16 to the GPU: the same 2 bytes/weight cross PCIe as SM + exponent planes would.
 """
 
 from __future__ import annotations

@@ -243,10 +243,10 @@ class Engine:
 
     def _count_prefetch(self, prefetched: dict, loads: list[_Load]) -> None:
         """Prediction accounting, and the number of reads after which the disk is free for prefetch."""
+        if self.prefetcher is None:  # only the prefetcher needs to know when the layer's reads are done
+            return
         reads = sum((ld.state in (State.E, State.MISS)) + (ld.state in (State.S, State.MISS)) for ld in loads)
         self._reads_left = reads
-        if self.prefetcher is None:
-            return
         c = self.prefetcher.counters
         used = sum(ld.prefetched is not None for ld in loads)
         c.used += used

@@ -8,7 +8,6 @@ Times in seconds, sizes in bytes.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -60,23 +59,6 @@ class EngineStats:
             "layers": self.layers,
             "steps": self.steps,
         }
-
-
-def request_summary(before: dict, after: dict, step_s: list[float]) -> dict:
-    """Per-request numbers from two snapshots and the request's forward times (first = prefill)."""
-    diff = {k: after[k] - before[k] for k in ("bytes_read", "decode_s", "io_busy_s", "stall_s", "layer_s")}
-    hits = {k: after["hits"][k] - before["hits"][k] for k in after["hits"]}
-    served = sum(hits.values())
-    decode_steps = step_s[1:]
-    return {
-        **diff,
-        "hits": hits,
-        "hit_rate": {k: (v / served if served else 0.0) for k, v in hits.items()},
-        "io_stall_share": diff["stall_s"] / diff["layer_s"] if diff["layer_s"] else 0.0,
-        "ttft_s": step_s[0] if step_s else None,
-        "tpot_s": statistics.median(decode_steps) if decode_steps else None,
-        "new_tokens": len(step_s),
-    }
 
 
 class StepClock:
