@@ -1,8 +1,8 @@
-"""Eviction order of LRU, LFU and FIFO, with pinned keys skipped."""
+"""Eviction order of LRU, LFU, FIFO and Marking, with pinned keys skipped."""
 
 import pytest
 
-from zipmoe.cache import FIFO, LFU, LRU
+from zipmoe.cache import FIFO, LFU, LRU, Marking
 from zipmoe.cache.policy import eviction_factory
 from zipmoe.errors import ZipMoEError
 from zipmoe.types import ExpertKey
@@ -59,7 +59,7 @@ def test_lfu_reinsert_resets_count() -> None:
     assert drain(p) == [1, 0]
 
 
-@pytest.mark.parametrize("cls", [LRU, LFU, FIFO])
+@pytest.mark.parametrize("cls", [LRU, LFU, FIFO, Marking])
 def test_pinned_keys_are_skipped(cls) -> None:
     p = cls()
     for i in range(3):
@@ -71,7 +71,25 @@ def test_pinned_keys_are_skipped(cls) -> None:
     assert len(p) == 2 and k(0) in p and k(2) not in p
 
 
+def test_marking_evicts_unmarked_first_and_starts_a_new_phase() -> None:
+    p = Marking(seed=1)
+    for i in range(4):
+        p.insert(k(i))  # every member marked: the first victim starts a new phase (all unmarked)
+    first = p.victim(set())
+    assert first in {k(i) for i in range(4)}
+    p.remove(first)
+    survivors = [k(i) for i in range(4) if k(i) != first]
+    p.touch(survivors[0])  # marked in the new phase: never chosen while unmarked members remain
+    for _ in range(2):
+        v = p.victim(set())
+        assert v != survivors[0] and v in survivors
+        p.remove(v)
+    assert p.victim(set()) == survivors[0]  # only the marked one is left: a new phase picks it
+    assert p.victim({survivors[0]}) is None
+
+
 def test_factory_names() -> None:
     assert isinstance(eviction_factory("lfu")(), LFU)
+    assert isinstance(eviction_factory("marking")(), Marking)
     with pytest.raises(ZipMoEError, match="unknown eviction policy"):
         eviction_factory("mru")

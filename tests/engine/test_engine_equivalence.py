@@ -53,7 +53,9 @@ def test_logits_and_tokens_equal_transformers(converted, reference, device):
     ckpt, store = converted
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation=reference).to(device)
     for name, budget in _budgets(store).items():
-        model = load(store, device=device, memory_budget=budget, experts_implementation=reference, workers=2)
+        # "all" preloads every expert at load (the default when they all fit); the others start cold
+        model = load(store, device=device, memory_budget=budget, experts_implementation=reference, workers=2,
+                     preload=None if name == "all" else False)
         try:
             for batch in (1, 4):
                 ids, mask = (t.to(device) for t in _inputs(batch))
@@ -70,6 +72,8 @@ def test_logits_and_tokens_equal_transformers(converted, reference, device):
             assert stats["experts_served"] > 0
             budget_obj = model.zipmoe_engine.cache.budget
             assert budget_obj.peak() <= budget_obj.total
+            if name == "all":
+                assert stats["bytes_read"] == 0 and stats["hits"]["F"] == stats["experts_served"], "not preloaded"
             if name == "minimum":
                 assert stats["hits"]["MISS"] + stats["hits"]["S"] + stats["hits"]["E"] > 0, "budget forced no loads"
         finally:

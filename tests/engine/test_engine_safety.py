@@ -41,7 +41,11 @@ def test_corrupt_chunk_during_generation_names_it(store, tmp_path):
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x40]))
-    model = load(bad, memory_budget=None, workers=2)  # opening checks the manifest, not every chunk
+    threads = threading.active_count()
+    with pytest.raises(ChecksumError, match=r"layer 1 expert 2"):  # the preload of an all-fitting budget
+        load(bad, memory_budget=None, workers=2)
+    assert threading.active_count() == threads, "a failed load left threads behind"
+    model = load(bad, memory_budget=None, workers=2, preload=False)  # opening checks the manifest, not chunks
     try:
         ids = torch.full((1, 4), 5)
         with pytest.raises(ChecksumError, match=r"layer 1 expert 2"):

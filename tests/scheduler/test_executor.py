@@ -198,12 +198,14 @@ def test_bad_plans_are_rejected_before_any_thread_waits() -> None:
                 ex.run(bad, RecordingOps())
     with pytest.raises(ZipMoEError, match="at least one"):
         Executor(workers=0)
+    with pytest.raises(ZipMoEError, match="at least one I/O thread"):
+        Executor(workers=1, io_threads=0)
 
 
 def test_close_joins_every_thread() -> None:
     before = set(threading.enumerate())
-    ex = Executor(workers=4)
-    assert len(set(threading.enumerate()) - before) == 5
+    ex = Executor(workers=4, io_threads=3)
+    assert len(set(threading.enumerate()) - before) == 7
     with pytest.raises(ExpertTaskError):
         list(ex.run(make_plan(), RecordingOps(fail=("decode", key(0)))))
     list(ex.run(make_plan(), RecordingOps()))
@@ -218,3 +220,40 @@ def test_f_task_in_plan_built_by_hand() -> None:
     t = ExpertTask(key(9), State.F, 0, 0, 0, 0, 1e-3, 0)
     with Executor(workers=1) as ex:
         assert list(ex.run(schedule([t], 1), RecordingOps())) == [key(9)]
+
+
+def test_two_io_threads_keep_a_second_read_in_flight_and_claim_in_order() -> None:
+    """The first read blocks until the second has started: only a channel with two reads in flight
+    finishes this plan; reads are still claimed in io_queue order."""
+    plan = make_plan([State.MISS, State.MISS, State.E, State.S])
+    second_started = threading.Event()
+
+    class OverlapOps(RecordingOps):
+        def __init__(self) -> None:
+            super().__init__()
+            self.started: list[tuple[str, ExpertKey]] = []
+
+        def _start(self, name: str, k: ExpertKey) -> None:
+            with self._lock:
+                self.started.append((name, k))
+                n = len(self.started)
+            if n == 2:
+                second_started.set()
+            if n == 1:
+                assert second_started.wait(WAIT), "the second read never started while the first was in flight"
+
+        def read_sm(self, k: ExpertKey) -> None:
+            self._start("read_sm", k)
+            super().read_sm(k)
+
+        def read_e(self, k: ExpertKey) -> None:
+            self._start("read_e", k)
+            super().read_e(k)
+
+    ops = OverlapOps()
+    with Executor(workers=2, io_threads=2) as ex:
+        got = [k for k in ex.run(plan, ops)]
+    assert sorted(got) == sorted(t.key for t in plan.tasks)
+    want = [("read_e" if s.plane.name == "E" else "read_sm", s.key) for s in plan.io_queue]
+    assert sorted(ops.started) == sorted(want) and len(ops.started) == len(want)
+    assert ops.started[0] == want[0]

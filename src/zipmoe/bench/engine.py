@@ -32,10 +32,26 @@ from zipmoe.bench.baselines.workdir import disk_bandwidth
 from zipmoe.bench.routing import RouterOverride, RoutingSampler
 from zipmoe.bench.synth import build_synthetic
 from zipmoe.convert import convert
+from zipmoe.engine import gil
 from zipmoe.engine.metrics import EngineStats, StepClock
 from zipmoe.models.load import load, unload
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import State
+
+# name -> zipmoe.load arguments. "zipmoe": the default (all-C split, LRU, shortened GIL switch interval,
+# two I/O threads); the others change one thing each (the ablation rows); "uncompressed-lru" reads the
+# raw store with every budget byte in F (its capacities are set per budget).
+SYSTEMS: dict[str, dict] = {
+    "zipmoe": {},
+    "zipmoe-prefetch": {"prefetch": True},
+    "zipmoe-planned": {"planning": True},
+    "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},
+    "zipmoe-fifo": {"eviction": "fifo"},
+    "zipmoe-marking": {"eviction": "marking"},
+    "zipmoe-1io": {"io_threads": 1},
+    "zipmoe-gil5ms": {"switch_interval_s": 0.005},
+    "uncompressed-lru": {},
+}
 
 
 class LookaheadRouting:
@@ -156,45 +172,54 @@ def run(args) -> dict:
                              cfg["num_hidden_layers"], seed=args.seed)
     override = LookaheadRouting(RouterOverride(sampler))
     staging = 8 * numel * 8 + (1 << 24)
-    for frac in args.budgets:
-        for name in args.systems:
-            budget = dense + staging + int(frac * expert_bf16)
-            if name == "uncompressed-lru":  # every budget byte holds decoded experts, LRU
-                store, extra = stores[name], {"capacities": {State.F: int(frac * expert_bf16) // (2 * numel)}}
-            else:  # zipmoe: the default split (every pool byte in C) + LRU; zipmoe-planned: planner's sizes
-                store = stores["zipmoe"]
-                extra = {"planning": name == "zipmoe-planned", "prefetch": name == "zipmoe-prefetch"}
+    runs = [tuple(r.split(":")) for r in args.runs] if args.runs else [
+        (name, str(frac)) for frac in args.budgets for name in args.systems]
+    for name, frac_s in runs:
+        frac = float(frac_s)
+        if name not in SYSTEMS:
+            raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+        store = stores["uncompressed-lru" if name == "uncompressed-lru" else "zipmoe"]
+        budget, extra = dense + staging + int(frac * expert_bf16), dict(SYSTEMS[name])
+        if frac >= 1.0:  # everything fits: the default budget, every expert preloaded decoded
+            budget = None
+        elif name == "uncompressed-lru":  # every budget byte holds decoded experts, LRU
+            extra["capacities"] = {State.F: int(frac * expert_bf16) // (2 * numel)}
+        switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)
+        saved_switch, gil.ENGINE_SWITCH_INTERVAL_S = gil.ENGINE_SWITCH_INTERVAL_S, switch
+        try:
             model = load(store, device=args.device, memory_budget=budget, workers=args.workers, **extra)
-            hook_routers(model, override)
-            if name == "zipmoe-prefetch":
-                oracle_hints(model, override, args.prefetch_accuracy, args.seed)
-            try:
-                measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up: CUDA, kernels
-                for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
-                    profiler = cProfile.Profile() if args.profile and batch == 1 else None
-                    if profiler:
-                        profiler.enable()
-                    m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
-                    if profiler:
-                        profiler.disable()
-                        out = io.StringIO()
-                        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
-                        Path(args.profile).mkdir(parents=True, exist_ok=True)
-                        (Path(args.profile) / f"profile-{name}-{frac}.txt").write_text(out.getvalue())
-                    pools, prefetcher = model.zipmoe_engine.pools, model.zipmoe_engine.prefetcher
-                    if prefetcher is not None:
-                        m["prefetch"] = {**prefetcher.counters.snapshot(), "hints": "sampler oracle",
-                                         "accuracy": args.prefetch_accuracy}
-                    m.update(system=name, budget_frac=frac, memory_budget=budget,
-                             capacities={p.name: c for p, c in model.zipmoe_engine.cache.capacity.items()},
-                             plan=pools.plan.describe() if pools else None,
-                             io_bound_s=m["bytes_read"] / bw, decode_bound_s=m["decode_s"] / args.workers)
-                    result["runs"].append(m)
-                    print(json.dumps({k: v for k, v in m.items() if k != "hit_rate"}), m["hit_rate"], flush=True)
-                    if args.json:  # after every run: a device call cut short still returns what it measured
-                        Path(args.json).write_text(json.dumps(result, indent=1))
-            finally:
-                unload(model)
+        finally:
+            gil.ENGINE_SWITCH_INTERVAL_S = saved_switch
+        hook_routers(model, override)
+        if extra.get("prefetch"):
+            oracle_hints(model, override, args.prefetch_accuracy, args.seed)
+        try:
+            measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up: CUDA, kernels
+            for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
+                profiler = cProfile.Profile() if args.profile and batch == 1 else None
+                if profiler:
+                    profiler.enable()
+                m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
+                if profiler:
+                    profiler.disable()
+                    out = io.StringIO()
+                    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
+                    Path(args.profile).mkdir(parents=True, exist_ok=True)
+                    (Path(args.profile) / f"profile-{name}-{frac}.txt").write_text(out.getvalue())
+                pools, prefetcher = model.zipmoe_engine.pools, model.zipmoe_engine.prefetcher
+                if prefetcher is not None:
+                    m["prefetch"] = {**prefetcher.counters.snapshot(), "hints": "sampler oracle",
+                                     "accuracy": args.prefetch_accuracy}
+                m.update(system=name, budget_frac=frac, memory_budget=model.zipmoe_engine.cache.budget.total,
+                         capacities={p.name: c for p, c in model.zipmoe_engine.cache.capacity.items()},
+                         plan=pools.plan.describe() if pools else None,
+                         io_bound_s=m["bytes_read"] / bw, decode_bound_s=m["decode_s"] / args.workers)
+                result["runs"].append(m)
+                print(json.dumps({k: v for k, v in m.items() if k != "hit_rate"}), m["hit_rate"], flush=True)
+                if args.json:  # after every run: a device call cut short still returns what it measured
+                    Path(args.json).write_text(json.dumps(result, indent=1))
+        finally:
+            unload(model)
     if args.device == "cuda":
         ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda")
         hook_routers(ref, override)
@@ -216,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="shrink hidden/intermediate sizes (quick runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5],
+                   help="expert budgets as fractions of the BF16 expert bytes; >= 1 means everything fits")
     p.add_argument("--systems", nargs="+", default=["zipmoe", "zipmoe-prefetch", "zipmoe-planned", "uncompressed-lru"],
-                   choices=["zipmoe", "zipmoe-prefetch", "zipmoe-planned", "uncompressed-lru"])
+                   choices=list(SYSTEMS))
+    p.add_argument("--runs", nargs="+", default=None, metavar="SYSTEM:BUDGET",
+                   help="explicit (system, budget) pairs in this order, instead of --systems × --budgets")
     p.add_argument("--prefetch-accuracy", type=float, default=0.85,
                    help="zipmoe-prefetch: share of next-layer experts the (sampler-oracle) hints get right")
     p.add_argument("--prompt-len", type=int, default=64)

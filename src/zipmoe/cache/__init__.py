@@ -3,7 +3,7 @@
     accounting.py  MemoryBudget: the one memory knob (dense weights + staging + pools)
     slabs.py       preallocated host (page-aligned, pinned for CUDA) and device slabs
     pools.py       bytes per entry, capacities, the default split
-    policy.py      eviction (LRU / LFU / FIFO) and admission/demotion (KeepAll) policies
+    policy.py      eviction (LRU / LFU / FIFO / Marking) and admission/demotion (KeepAll) policies
     staging.py     read buffers and merge outputs for loads the pools do not keep
     cache.py       ExpertCache: lookup, leases, targets → fill → commit, eviction by slot ownership
     entries.py     per-expert slot ownership, Targets, Lease
@@ -24,12 +24,12 @@ One MoE layer, as the engine drives it (engine thread; loaders write into the vi
 
 from zipmoe.cache.accounting import MemoryBudget
 from zipmoe.cache.cache import ExpertCache, Lease, Targets
-from zipmoe.cache.policy import FIFO, LFU, LRU, AdmissionPolicy, Decision, EvictionPolicy, KeepAll
+from zipmoe.cache.policy import FIFO, LFU, LRU, AdmissionPolicy, Decision, EvictionPolicy, KeepAll, Marking
 from zipmoe.cache.pools import capacities_from_bytes, default_capacities, entry_bytes, uniform_numel
 from zipmoe.cache.staging import Staging
 
 __all__ = [
     "FIFO", "LFU", "LRU", "AdmissionPolicy", "Decision", "EvictionPolicy", "ExpertCache", "KeepAll", "Lease",
-    "MemoryBudget", "Staging", "Targets", "capacities_from_bytes", "default_capacities", "entry_bytes",
+    "Marking", "MemoryBudget", "Staging", "Targets", "capacities_from_bytes", "default_capacities", "entry_bytes",
     "uniform_numel",
 ]

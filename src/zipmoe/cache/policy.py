@@ -1,11 +1,12 @@
 """Policies: which pool member to evict (EvictionPolicy), what a loaded expert keeps (AdmissionPolicy).
 
 Stage: the engine thread, inside ExpertCache. Pure bookkeeping on ExpertKeys: no memory, no torch.
-The planner issue replaces KeepAll with a rank-range placement; LRU/LFU/FIFO stay for ablations.
+The planner issue replaces KeepAll with a rank-range placement; LRU/LFU/FIFO/Marking stay for ablations.
 """
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
@@ -134,11 +135,53 @@ class LFU:
         return key in self._count
 
 
-EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
+class Marking:
+    """The marking algorithm (Fiat et al. 1991), one of the paper's ablation baselines: a member is marked
+    when it enters or is accessed; the victim is a random unmarked member; when every unpinned member is
+    marked, a new phase unmarks them all. Seeded, so a run repeats. victim() is O(members): pools hold
+    hundreds of experts, and this policy exists for the ablation, not the hot path's default.
+    """
+
+    name = "marking"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._marked: dict[ExpertKey, bool] = {}
+        self._rng = random.Random(seed)
+
+    def insert(self, key: ExpertKey) -> None:
+        self._marked[key] = True
+
+    def touch(self, key: ExpertKey) -> None:
+        self._marked[key] = True
+
+    def remove(self, key: ExpertKey) -> None:
+        del self._marked[key]
+
+    def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
+        free = [k for k in self._marked if k not in pinned]
+        if not free:
+            return None
+        unmarked = [k for k in free if not self._marked[k]]
+        if not unmarked:  # a new phase
+            for k in self._marked:
+                self._marked[k] = False
+            unmarked = free
+        return self._rng.choice(unmarked)
+
+    def __len__(self) -> int:
+        return len(self._marked)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._marked
+
+
+EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    "lru": LRU, "lfu": LFU, "fifo": FIFO, "marking": Marking,
+}
 
 
 def eviction_factory(policy: str | Callable[[], EvictionPolicy]) -> Callable[[], EvictionPolicy]:
-    """A factory of per-pool policies from a name ('lru', 'lfu', 'fifo') or a callable."""
+    """A factory of per-pool policies from a name ('lru', 'lfu', 'fifo', 'marking') or a callable."""
     if callable(policy):
         return policy
     if policy not in EVICTION_POLICIES:

@@ -11,6 +11,7 @@ N=weights of one expert, K=exponent shards, W=decode workers; sizes in bytes, ti
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch
 from zipmoe.cache import ExpertCache
 from zipmoe.codec.coders.base import ExponentCoder
 from zipmoe.codec.merge import merge_into
-from zipmoe.engine.metrics import EngineStats
+from zipmoe.engine.gil import restore_switch_interval, shorten_switch_interval
+from zipmoe.engine.metrics import EngineStats, log
 from zipmoe.engine.planning import PlannedPools
 from zipmoe.engine.prefetch import Prefetcher
 from zipmoe.errors import UnsupportedModelError, ZipMoEError
@@ -62,7 +64,7 @@ class _Load:
     """Buffers and progress of one expert being loaded in the current wave (compute-thread owned)."""
 
     __slots__ = ("e_buf", "entry", "exp", "fused", "key", "out", "out_u16", "prefetched", "shards", "slot", "sm",
-                 "sm_buf", "state")
+                 "sm_buf", "state", "unverified")
 
     def __init__(self, key: ExpertKey, state: State, entry: ExpertEntry):
         self.key, self.state, self.entry = key, state, entry
@@ -71,6 +73,7 @@ class _Load:
         self.prefetched: tuple[np.ndarray, np.ndarray] | None = None  # (SM plane, E region) read ahead
         self.sm: np.ndarray | None = None  # SM plane [N] (cache slot or read buffer)
         self.shards: list[np.ndarray] = []  # K compressed exponent shards
+        self.unverified = False  # shards were just read: each is checksummed by the worker that decodes it
         self.sm_buf: np.ndarray | None = None  # where a SM read lands
         self.e_buf: np.ndarray | None = None  # where an E read lands
         self.exp: np.ndarray | None = None  # decoded exponent plane [N] (unfused path)
@@ -91,10 +94,13 @@ class LayerOps:
     def read_e(self, key: ExpertKey) -> None:
         load = self._loads[key]
         load.shards = self._engine.read_plane("e", load.entry, load.e_buf)
+        load.unverified = True
 
     def decode_shard(self, key: ExpertKey, shard: int) -> None:
         load = self._loads[key]
         lo, hi = load.entry.shard_bounds[shard]
+        if load.unverified:  # K checks run on the workers in parallel; the I/O thread only reads
+            StoreReader.verify_shard(load.entry, shard, load.shards[shard])
         coder = self._engine.coder
         if load.fused:
             coder.decode_merge_into(load.shards[shard], load.sm[lo:hi], load.out_u16[lo:hi])
@@ -125,9 +131,10 @@ class Engine:
         self.prefetcher = prefetcher  # reads the next layer's predicted experts; None: no prefetch
         if prefetcher is None:
             self.hint = None  # models/compute skips predicting when the source takes no hints
-        self._reads_left = 0  # reads of the current layer not yet done (I/O thread decrements)
+        self._reads_left = 0  # reads of the current layer not yet done (I/O threads decrement)
         self.read_bytes_per_s = read_bytes_per_s  # optional cap emulating a slower disk
         self._io_free_at = 0.0  # when the capped channel may start its next read
+        self._io_lock = threading.Lock()  # the I/O threads' shared counters and cap clock
         self.staging = cache.staging(staging_slots, exp=True)
         self._cuda = device.type == "cuda"
         # CUDA: workers merge into pinned host BF16, the compute thread copies it to the device.
@@ -137,6 +144,7 @@ class Engine:
             self._host_out = torch.empty((staging_slots, cache.numel), dtype=torch.int16, pin_memory=True)
         self._copied = [torch.cuda.Event() for _ in range(staging_slots)] if self._cuda else []
         self._closed = False
+        shorten_switch_interval()  # the loader threads hand results on without waiting 5 ms for the GIL
 
     # ---- ExpertSource ----
 
@@ -156,6 +164,12 @@ class Engine:
                     load.prefetched, load.state, load.fused = prefetched[key], State.C, True
                 (hits if state is State.F else loads).append(load)
             self._count_prefetch(prefetched, loads)
+            if not loads:  # every expert decoded in F (e.g. the budget holds the model): no plan, no threads
+                for load in hits:
+                    yield load.key.expert, *self._views(self.cache.f_view(load.key))
+                self.stats.layer_s += time.perf_counter() - t_layer
+                self.stats.layers += 1
+                return
             n = self.staging.n
             waves = [loads[i : i + n] for i in range(0, len(loads), n)] or [[]]
             waves[0] = hits + waves[0]  # F hits ride in the first plan: computed while its reads run
@@ -283,26 +297,48 @@ class Engine:
     # ---- I/O (executor's I/O thread) ----
 
     def read_plane(self, plane: str, entry: ExpertEntry, buf: np.ndarray):
-        """One checksummed read of an expert's SM plane or E region, honouring the bandwidth cap."""
+        """One read of an expert's SM plane (checksummed here) or E region (its shards are checked by the
+        decode workers), honouring the bandwidth cap. Any I/O thread may call."""
         nbytes = entry.sm.length if plane == "sm" else entry.e_length
         t0 = time.perf_counter()
-        out = self.reader.read_sm_into(entry, buf) if plane == "sm" else self.reader.read_e_into(entry, buf)
-        if self.read_bytes_per_s:
-            start = max(t0, self._io_free_at)
-            self._io_free_at = start + nbytes / self.read_bytes_per_s
-            delay = self._io_free_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        self.stats.io_busy_s += time.perf_counter() - t0
-        self.stats.bytes_read += nbytes
-        self._reads_left -= 1  # only the I/O thread writes it during a layer
-        if self._reads_left == 0 and self.prefetcher is not None:
-            self.prefetcher.disk_free()
         if plane == "sm":
-            self.stats.sm_bytes_read += nbytes
+            out = self.reader.read_sm_into(entry, buf)
         else:
-            self.stats.e_bytes_read += nbytes
+            out = self.reader.read_e_into(entry, buf, verify=False)
+        delay = 0.0
+        with self._io_lock:
+            if self.read_bytes_per_s:  # the capped channel serves reads one after another at the cap
+                start = max(t0, self._io_free_at)
+                self._io_free_at = start + nbytes / self.read_bytes_per_s
+                delay = self._io_free_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        with self._io_lock:
+            self.stats.io_busy_s += time.perf_counter() - t0
+            self.stats.bytes_read += nbytes
+            if plane == "sm":
+                self.stats.sm_bytes_read += nbytes
+            else:
+                self.stats.e_bytes_read += nbytes
+            self._reads_left -= 1
+            free = self._reads_left == 0
+        if free and self.prefetcher is not None:
+            self.prefetcher.disk_free()
         return out
+
+    def preload(self) -> None:
+        """Load every expert through the normal path, layer by layer, so that when the budget holds them
+        all the first tokens do not pay for the reads; the statistics start afresh afterwards."""
+        layers: dict[int, list[int]] = {}
+        for key in sorted(self.reader.entries):
+            layers.setdefault(key.layer, []).append(key.expert)
+        t0, read0 = time.perf_counter(), self.stats.bytes_read
+        for layer, experts in layers.items():
+            for _ in self.experts(layer, experts):
+                pass
+        log.info("zipmoe: preloaded %d experts (%.2f GB read) in %.1f s", len(self.reader.entries),
+                 (self.stats.bytes_read - read0) / 1e9, time.perf_counter() - t0)
+        self.stats = EngineStats()
 
     def warmup(self) -> None:
         """Compile the decode kernels and touch the staging buffers before the first request.
@@ -329,6 +365,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        restore_switch_interval()
         self.executor.close()
         if self.prefetcher is not None:
             self.prefetcher.close()

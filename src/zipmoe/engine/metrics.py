@@ -1,7 +1,8 @@
 """Counters shared by the engine, the server's /metrics and the benchmarks (one source of truth).
 
-Written by the compute thread only (the executor reports its timings through the Plan it ran), so
-no locks; readers take a `snapshot()` (a plain dict) and subtract snapshots for per-request numbers.
+Written by the compute thread (the executor reports its timings through the Plan it ran), except the
+read counters, which the I/O threads update under the engine's I/O lock; readers take a `snapshot()`
+(a plain dict) and subtract snapshots for per-request numbers.
 Times in seconds, sizes in bytes.
 """
 

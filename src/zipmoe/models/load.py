@@ -56,6 +56,7 @@ def load(
     memory_budget: int | str | None = None,
     *,
     workers: int | None = None,
+    io_threads: int = 2,
     eviction: str = "lru",
     staging_slots: int | None = None,
     direct_io: bool | None = None,
@@ -65,10 +66,13 @@ def load(
     capacities: dict[State, int] | None = None,
     planning: bool = False,
     prefetch: bool = False,
+    preload: bool | None = None,
 ) -> torch.nn.Module:
     """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
 
-    memory_budget: everything the engine holds (dense weights, expert pools, staging), bytes or a
+    workers: decode threads (default: cores − 1, at most 8); io_threads: threads of the read channel
+    (two keep a read in flight while the other hands its result on). eviction: "lru", "lfu", "fifo"
+    or "marking". memory_budget: everything the engine holds (dense weights, expert pools, staging), bytes or a
     string like "6GiB"; None = enough to keep every expert decoded. experts_implementation: the
     transformers implementation results are bit-exact to ("eager" or "grouped_mm"; None = what
     from_pretrained picks). read_bytes_per_s caps disk reads to emulate a slower SSD (benchmarks
@@ -78,20 +82,22 @@ def load(
     (engine/planning.py) instead of the default all-C split. Off by default: on the device
     (BENCHMARKS.md, ablation) the planned split was slower than all-C at batch 1. prefetch: read the
     next MoE layer's predicted experts (its router applied to this layer's hidden states) while the
-    disk would idle; outputs are unchanged, the read-ahead slots come out of the budget.
+    disk would idle; outputs are unchanged, the read-ahead slots come out of the budget. preload:
+    read every expert at load (None = when the budget holds every expert decoded, as plain
+    from_pretrained would).
     """
     device = torch.device(device)
     reader = StoreReader(store, direct_io=direct_io)
     try:
-        return _load(reader, device, memory_budget, workers, eviction, staging_slots,
-                     experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch)
+        return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
+                     experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch, preload)
     except BaseException:
         reader.close()
         raise
 
 
-def _load(reader, device, memory_budget, workers, eviction, staging_slots, experts_implementation,
-          read_bytes_per_s, costs, capacities, planning, prefetch):
+def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots, experts_implementation,
+          read_bytes_per_s, costs, capacities, planning, prefetch, preload):
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
@@ -133,7 +139,7 @@ def _load(reader, device, memory_budget, workers, eviction, staging_slots, exper
     executor = prefetcher = None
     try:
         coder = get_coder(reader.manifest.codec_id, **reader.manifest.codec_params)
-        executor = Executor(workers)
+        executor = Executor(workers, io_threads)
         prefetcher = Prefetcher(reader, top_k, per_entry[State.S], per_entry[State.E],
                                 pinned=device.type == "cuda") if prefetch else None
         engine = Engine(reader, cache, executor, coder, costs, device, shapes, slots, read_bytes_per_s, pools,
@@ -145,6 +151,8 @@ def _load(reader, device, memory_budget, workers, eviction, staging_slots, exper
         raise
     try:
         engine.warmup()
+        if preload or (preload is None and fits and capacities is None):
+            engine.preload()
         model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)
         install(model, engine)
     except BaseException:

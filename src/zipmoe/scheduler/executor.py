@@ -1,10 +1,13 @@
-"""Runs a Plan: one I/O thread reads planes, W decode workers decode shards and merge, and the
+"""Runs a Plan: the I/O channel reads planes, W decode workers decode shards and merge, and the
 caller's thread (the compute stream) receives each expert as soon as its weights are ready.
 
 Arrow: Plan + LayerOps (engine) ──Executor.run──▶ ready ExpertKeys (to compute) + PlanTimings.
 Semantics are the queue semantics of scheduler/sim.py, so `Plan.makespan_s` predicts this run:
 reads back to back in io_queue order; each free worker takes the next decode_queue step and waits
 (on a condition, no polling) until its inputs are in; experts are handed over in ready order.
+The I/O channel is `io_threads` threads taking reads from the io_queue in order: with two, the next
+read is already in the kernel while the previous one's thread waits for the GIL after its syscall
+(measured: a blocking read returns ~5 ms late when another thread runs Python, sys.getswitchinterval).
 
 # E=experts K=shards W=workers; times in s (time.perf_counter)
 """
@@ -53,6 +56,7 @@ class _Run:
                 self.has_merge[self.index[s.key]] = True
         self.error: tuple[BaseException, ExpertKey, str] | None = None
         self.stopped = False  # no op may start (failure or cancellation)
+        self.io_next = 0  # next io_queue step to claim (the I/O threads take steps in order)
         self.in_flight = 0  # ops running now
         self.t0 = time.perf_counter()
         self.io_busy = self.decode_busy = 0.0
@@ -95,13 +99,19 @@ class _Run:
             while self.in_flight:
                 self.cond.wait()
 
-    def read(self, step: IoStep) -> bool:
-        """One read on the I/O thread; False once the run is stopped."""
-        e = self.index[step.key]
+    def claim_read(self) -> IoStep | None:
+        """The next read of the io_queue for this I/O thread; None when all are claimed or the run stopped."""
         with self.cond:
-            if self.stopped:
-                return False
+            if self.stopped or self.io_next == len(self.plan.io_queue):
+                return None
+            step = self.plan.io_queue[self.io_next]
+            self.io_next += 1
             self.in_flight += 1
+            return step
+
+    def read(self, step: IoStep) -> bool:
+        """One read (claimed with claim_read) on an I/O thread; False once the run is stopped."""
+        e = self.index[step.key]
         t0 = time.perf_counter()
         try:
             (self.ops.read_e if step.plane == Plane.E else self.ops.read_sm)(step.key)
@@ -112,9 +122,10 @@ class _Run:
         with self.cond:
             self.in_flight -= 1
             self.io_busy += t1 - t0
-            if math.isnan(self.io_start[e]):  # an expert's reads run in order on this one thread
+            if math.isnan(self.io_start[e]) or t0 - self.t0 < self.io_start[e]:
                 self.io_start[e] = t0 - self.t0
-            self.io_end[e] = t1 - self.t0
+            if math.isnan(self.io_end[e]) or t1 - self.t0 > self.io_end[e]:
+                self.io_end[e] = t1 - self.t0
             if step.plane == Plane.E:
                 self.e_in[e] = True
             else:
@@ -185,7 +196,7 @@ class RunHandle:
 
     @property
     def io_busy_s(self) -> float:
-        """s the I/O thread has spent in reads so far."""
+        """s the I/O threads have spent in reads so far (summed over threads)."""
         return self._run.io_busy
 
     @property
@@ -225,28 +236,32 @@ class RunHandle:
 
 
 class Executor:
-    """Owns the threads that load experts: one I/O thread ("zipmoe-io") that performs every read of a
-    plan, and `workers` decode threads ("zipmoe-decode-i") that take decode/merge steps from one FIFO.
-    The compute stream is the caller's thread, which iterates the RunHandle. Threads are created once
-    and reused for every layer; close() (or leaving the `with` block) stops and joins them all.
-    Runs are served in the order they were started."""
+    """Owns the threads that load experts: the I/O channel ("zipmoe-io-i": `io_threads` threads taking
+    a plan's reads in order, see the module docstring) and `workers` decode threads ("zipmoe-decode-i")
+    that take decode/merge steps from one FIFO. The compute stream is the caller's thread, which
+    iterates the RunHandle. Threads are created once and reused for every layer; close() (or leaving
+    the `with` block) stops and joins them all. Runs are served in the order they were started."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, io_threads: int = 2):
         if workers < 1:
             raise ZipMoEError(f"an executor needs at least one decode worker, got workers={workers}")
-        self.workers = workers
+        if io_threads < 1:
+            raise ZipMoEError(f"an executor needs at least one I/O thread, got io_threads={io_threads}")
+        self.workers, self.io_threads = workers, io_threads
         self._io_q: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
         self._step_q: queue.SimpleQueue[tuple[_Run, DecodeStep] | None] = queue.SimpleQueue()
         self._closed = False
-        self._threads = [threading.Thread(target=self._io_loop, name="zipmoe-io", daemon=True)]
+        self._threads = [threading.Thread(target=self._io_loop, name=f"zipmoe-io-{i}", daemon=True)
+                         for i in range(io_threads)]
         self._threads += [threading.Thread(target=self._worker_loop, name=f"zipmoe-decode-{i}", daemon=True)
                           for i in range(workers)]
         for t in self._threads:
             t.start()
 
     def _io_loop(self) -> None:
+        # Each run is queued once per I/O thread, so every thread joins it; runs stay in start order.
         while (run := self._io_q.get()) is not None:
-            for step in run.plan.io_queue:
+            while (step := run.claim_read()) is not None:
                 if not run.read(step):
                     break
 
@@ -265,7 +280,8 @@ class Executor:
                 if not (t.decodes or t.reads_sm or t.reads_e):
                     run.mark_ready(e, run.t0)  # F: ready at once
         if plan.io_queue:
-            self._io_q.put(run)
+            for _ in range(self.io_threads):
+                self._io_q.put(run)
         for step in plan.decode_queue:
             self._step_q.put((run, step))
         return RunHandle(run)
@@ -283,7 +299,8 @@ class Executor:
         if self._closed:
             return
         self._closed = True
-        self._io_q.put(None)
+        for _ in range(self.io_threads):
+            self._io_q.put(None)
         for _ in range(self.workers):
             self._step_q.put(None)
         for t in self._threads:

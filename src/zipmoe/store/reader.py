@@ -118,10 +118,12 @@ class StoreReader:
         _verify_chunk(entry, plane, entry.sm, view)
         return view
 
-    def read_e_into(self, entry: ExpertEntry, buf: np.ndarray) -> list[np.ndarray]:
-        """Read all K E-shards of an expert with one read of its E region; verify; one view per shard.
+    def read_e_into(self, entry: ExpertEntry, buf: np.ndarray, verify: bool = True) -> list[np.ndarray]:
+        """Read all K E-shards of an expert with one read of its E region; one view per shard.
 
         buf: page-aligned uint8 of at least max_e_region_bytes. Raw experts have no shards: [].
+        verify=False leaves the checks to the caller, who must call verify_shard(entry, i, view) on
+        each shard before decoding it (the engine does so on its decode workers, off the I/O thread).
         """
         if not entry.e_shards:
             return []
@@ -129,10 +131,16 @@ class StoreReader:
         views, at = [], 0
         for i, chunk in enumerate(entry.e_shards):
             view = region[at : at + chunk.length]
-            _verify_chunk(entry, f"E-shard {i}", chunk, view)
+            if verify:
+                _verify_chunk(entry, f"E-shard {i}", chunk, view)
             views.append(view)
             at += chunk.length
         return views
+
+    @staticmethod
+    def verify_shard(entry: ExpertEntry, shard: int, view: np.ndarray) -> None:
+        """Check one E-shard read with read_e_into(verify=False); raises ChecksumError naming it."""
+        _verify_chunk(entry, f"E-shard {shard}", entry.e_shards[shard], view)
 
     def _read(self, entry: ExpertEntry, plane: str, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
         if not self._closer.alive:
