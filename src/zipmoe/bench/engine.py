@@ -220,7 +220,7 @@ def run(args) -> dict:
                     Path(args.json).write_text(json.dumps(result, indent=1))
         finally:
             unload(model)
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.skip_reference:
         ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda")
         hook_routers(ref, override)
         measure(ref, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up, as for the others
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-batch-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--skip-reference", action="store_true", help="do not run plain transformers (CUDA) at the end")
     p.add_argument("--profile", default=None, help="directory for cProfile reports of the batch-1 runs")
     args = p.parse_args(argv)
     result = run(args)
