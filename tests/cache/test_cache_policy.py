@@ -1,9 +1,8 @@
-"""Eviction order of LRU, LFU, FIFO and Marking, with pinned keys skipped."""
+"""Eviction order of LRU, LFU, FIFO, Marking and LRFU, with pinned keys skipped."""
 
 import pytest
 
-from zipmoe.cache import FIFO, LFU, LRU, Marking
-from zipmoe.cache.policy import eviction_factory
+from zipmoe.cache.policy import FIFO, LFU, LRFU, LRU, Marking, eviction_factory
 from zipmoe.errors import ZipMoEError
 from zipmoe.types import ExpertKey
 
@@ -59,7 +58,7 @@ def test_lfu_reinsert_resets_count() -> None:
     assert drain(p) == [1, 0]
 
 
-@pytest.mark.parametrize("cls", [LRU, LFU, FIFO, Marking])
+@pytest.mark.parametrize("cls", [LRU, LFU, FIFO, Marking, LRFU])
 def test_pinned_keys_are_skipped(cls) -> None:
     p = cls()
     for i in range(3):
@@ -91,5 +90,49 @@ def test_marking_evicts_unmarked_first_and_starts_a_new_phase() -> None:
 def test_factory_names() -> None:
     assert isinstance(eviction_factory("lfu")(), LFU)
     assert isinstance(eviction_factory("marking")(), Marking)
+    assert isinstance(eviction_factory("lrfu")(), LRFU)
     with pytest.raises(ZipMoEError, match="unknown eviction policy"):
         eviction_factory("mru")
+
+
+def test_lrfu_keeps_the_frequent_key_that_lru_would_evict() -> None:
+    lrfu, lru = LRFU(half_life=20), LRU()
+    for p in (lrfu, lru):
+        p.insert(k(0))
+        for _ in range(5):
+            p.touch(k(0))  # k0: six accesses, then two one-off keys
+        p.insert(k(1))
+        p.insert(k(2))
+    assert lru.victim(set()) == k(0)
+    assert lrfu.victim(set()) == k(1)
+
+
+def test_lrfu_remembers_evicted_keys_and_forgets_with_age() -> None:
+    p = LRFU(half_life=2)
+    p.insert(k(0))
+    p.touch(k(0))
+    p.remove(k(0))  # evicted, but its score is kept: back in, it outranks a newcomer
+    p.insert(k(0))
+    p.insert(k(1))
+    assert p.victim(set()) == k(1)
+    for _ in range(20):  # many half-lives of k1-only traffic: k0's history has decayed away
+        p.touch(k(1))
+    assert p.victim(set()) == k(0)
+
+
+def test_lrfu_renormalises_without_changing_the_order() -> None:
+    p = LRFU(half_life=0.01)  # 100 half-lives per access: overflow guard runs every few accesses
+    p.insert(k(0))
+    p.insert(k(1))
+    for _ in range(50):
+        p.touch(k(1))
+        p.touch(k(0))
+    assert p.victim(set()) == k(1)  # k0 was touched last
+    p.sized(100)  # an explicit half-life is kept
+    assert p._half_life == 0.01
+
+
+def test_lrfu_half_life_follows_the_pool_capacity() -> None:
+    p = LRFU()
+    p.sized(100)
+    assert p._half_life == LRFU.HALF_LIFE_PER_SLOT * 100

@@ -48,6 +48,8 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},
     "zipmoe-fifo": {"eviction": "fifo"},
     "zipmoe-marking": {"eviction": "marking"},
+    "zipmoe-lrfu": {"eviction": "lrfu"},
+    "zipmoe-lrfu-prefetch": {"eviction": "lrfu", "prefetch": True},
     "zipmoe-1io": {"io_threads": 1},
     "zipmoe-gil5ms": {"switch_interval_s": 0.005},
     "uncompressed-lru": {},

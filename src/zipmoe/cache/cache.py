@@ -69,6 +69,8 @@ class ExpertCache:
             raise
         factory = _eviction_factory(eviction)
         self._pol: dict[State, EvictionPolicy] = {p: factory() for p in POOLS}
+        for p, pol in self._pol.items():
+            pol.sized(self.capacity[p])
         # free slot lists per slab: F slab, SM slab (shared by C and S), E slab (shared by C and E)
         slabs = ((State.F, self._f.n), (State.S, self._sm.n), (State.E, self._e.n))
         self._free: dict[State, list[int]] = {p: list(range(n - 1, -1, -1)) for p, n in slabs}

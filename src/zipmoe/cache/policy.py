@@ -1,7 +1,7 @@
 """Policies: which pool member to evict (EvictionPolicy), what a loaded expert keeps (AdmissionPolicy).
 
 Stage: the engine thread, inside ExpertCache. Pure bookkeeping on ExpertKeys: no memory, no torch.
-The planner issue replaces KeepAll with a rank-range placement; LRU/LFU/FIFO/Marking stay for ablations.
+The planner issue replaces KeepAll with a rank-range placement; LRU/LFU/FIFO/Marking/LRFU are the eviction choices.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ class EvictionPolicy(Protocol):
     def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
         """The member to evict next, skipping pinned keys; None if every member is pinned."""
 
+    def sized(self, capacity: int) -> None:
+        """The pool holds at most `capacity` members (called once by the cache, before any access)."""
+
     def __len__(self) -> int: ...
 
     def __contains__(self, key: object) -> bool: ...
@@ -69,6 +72,9 @@ class LRU:
 
     def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
         return next((k for k in self._order if k not in pinned), None)
+
+    def sized(self, capacity: int) -> None:
+        return None
 
     def __len__(self) -> int:
         return len(self._order)
@@ -128,6 +134,9 @@ class LFU:
                     return key
         return None
 
+    def sized(self, capacity: int) -> None:
+        return None
+
     def __len__(self) -> int:
         return len(self._count)
 
@@ -168,6 +177,9 @@ class Marking:
             unmarked = free
         return self._rng.choice(unmarked)
 
+    def sized(self, capacity: int) -> None:
+        return None
+
     def __len__(self) -> int:
         return len(self._marked)
 
@@ -175,13 +187,71 @@ class Marking:
         return key in self._marked
 
 
+class LRFU:
+    """Least recently/frequently used (Lee et al. 2001): each key's score is the sum of 2^(-age/H) over
+    its past accesses (age in accesses to this pool), kept while the key is out of the pool too; the
+    victim is the unpinned member with the lowest score.
+
+    Why: within a request real MoE routing is skewed and steady (the calibrated sampler: the top 25 %
+    of a layer's experts take ~63 % of its activations), which frequency captures and recency does not.
+    Simulated on that sampler (6 layers, 64-token prompt + 16 steps, 22 of 60 experts per layer):
+    LRU 44 %, LRFU 53 %, Belady's optimum 66 % of decode accesses hit. The half-life H defaults to
+    HALF_LIFE_PER_SLOT × capacity accesses, the best value of that sweep (about 6.6 decode steps).
+    Scores are stored at a shared exponent scale (weights grow as 2^(t/H)), renormalised before
+    they could overflow; victim() is O(members).
+    """
+
+    name = "lrfu"
+    HALF_LIFE_PER_SLOT = 1.2
+
+    def __init__(self, half_life: float | None = None) -> None:
+        self._half_life = half_life
+        self._score: dict[ExpertKey, float] = {}  # every key seen, members or not
+        self._members: dict[ExpertKey, None] = {}
+        self._t = 0.0  # accesses so far (since the last renormalisation), in half-lives
+
+    def sized(self, capacity: int) -> None:
+        if self._half_life is None:
+            self._half_life = max(8.0, self.HALF_LIFE_PER_SLOT * capacity)
+
+    def _access(self, key: ExpertKey) -> None:
+        if self._half_life is None:
+            self.sized(0)
+        self._t += 1.0 / self._half_life
+        if self._t > 512:  # 2^512 is far from float overflow; rescale every score to the present
+            scale = 2.0 ** -self._t
+            self._score = {k: v * scale for k, v in self._score.items() if v * scale > 1e-12}
+            self._t = 0.0
+        self._score[key] = self._score.get(key, 0.0) + 2.0 ** self._t
+
+    def insert(self, key: ExpertKey) -> None:
+        self._members[key] = None
+        self._access(key)
+
+    def touch(self, key: ExpertKey) -> None:
+        self._access(key)
+
+    def remove(self, key: ExpertKey) -> None:
+        del self._members[key]
+
+    def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
+        score = self._score
+        return min((k for k in self._members if k not in pinned), key=lambda k: score.get(k, 0.0), default=None)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._members
+
+
 EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
-    "lru": LRU, "lfu": LFU, "fifo": FIFO, "marking": Marking,
+    "lru": LRU, "lfu": LFU, "fifo": FIFO, "marking": Marking, "lrfu": LRFU,
 }
 
 
 def eviction_factory(policy: str | Callable[[], EvictionPolicy]) -> Callable[[], EvictionPolicy]:
-    """A factory of per-pool policies from a name ('lru', 'lfu', 'fifo', 'marking') or a callable."""
+    """A factory of per-pool policies from a name ('lru', 'lfu', 'fifo', 'marking', 'lrfu') or a callable."""
     if callable(policy):
         return policy
     if policy not in EVICTION_POLICIES:
