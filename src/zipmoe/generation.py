@@ -22,6 +22,8 @@ from zipmoe.errors import ZipMoEError
 log = logging.getLogger("zipmoe.generation")
 
 STORE_MANIFEST = "zipmoe.json"  # a directory holding this file is a zipmoe store
+MAX_STOPS = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # characters per stop string: bounds the per-token stop search
 
 
 @dataclass
@@ -57,8 +59,12 @@ def load_handle(
     memory_budget: int | str | None = None,
     threads: int | None = None,
     model_id: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ModelHandle:
-    """Load a zipmoe store through the engine, or any local HF checkpoint with plain transformers."""
+    """Load a zipmoe store through the engine, or any local HF checkpoint with plain transformers.
+
+    progress(stage, done, total) follows a store's loading stages (see zipmoe.models.load.load);
+    transformers reports its own for a checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
@@ -70,7 +76,7 @@ def load_handle(
     device = resolve_device(device)
     stats_fn = None
     if (path / STORE_MANIFEST).is_file():
-        model, stats_fn = _load_store(path, device, memory_budget, threads)
+        model, stats_fn = _load_store(path, device, memory_budget, threads, progress)
     else:
         if memory_budget is not None:
             log.warning("%s is not a zipmoe store: --memory-budget is ignored (everything is loaded)", path)
@@ -84,12 +90,13 @@ def load_handle(
 
 
 def _load_store(
-    path: Path, device: str, budget: int | str | None, threads: int | None
+    path: Path, device: str, budget: int | str | None, threads: int | None,
+    progress: Callable[[str, int, int], None] | None,
 ) -> tuple[Any, Callable]:
     """The engine path: zipmoe.load + its statistics (kept here so the switch lives in one place)."""
     from zipmoe.models.load import load
 
-    model = load(str(path), device=device, memory_budget=budget, workers=threads)
+    model = load(str(path), device=device, memory_budget=budget, workers=threads, progress=progress)
     return model, model.zipmoe_engine.stats.snapshot
 
 
@@ -127,6 +134,13 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus sampling mass, (0, 1]
     seed: int | None = None  # per-request RNG seed: same seed, same text, whatever else runs
     stop: tuple[str, ...] = ()  # text that ends the generation (not included in the output)
+
+    def __post_init__(self) -> None:
+        if len(self.stop) > MAX_STOPS:
+            raise ZipMoEError(f"at most {MAX_STOPS} stop strings are allowed, got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            longest = max(len(s) for s in self.stop)
+            raise ZipMoEError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
 
 
 @dataclass
@@ -227,7 +241,7 @@ class Generation:
     def _advance_text(self) -> str:
         """New text that is safe to hand out: not a partial UTF-8 char, not a possible stop prefix."""
         full = self._decode()
-        cut = _find_stop(full, self.params.stop, start=max(0, len(self.text) - _longest(self.params.stop)))
+        cut = _find_stop(full, self.params.stop, start=self._stop_window())
         if cut is not None:
             self.finish_reason = "stop"
             return self._emit(full[:cut])
@@ -240,8 +254,12 @@ class Generation:
 
     def _flush(self) -> str:
         full = self._decode()
-        cut = _find_stop(full, self.params.stop, start=max(0, len(self.text) - _longest(self.params.stop)))
+        cut = _find_stop(full, self.params.stop, start=self._stop_window())
         return self._emit(full if cut is None else full[:cut])
+
+    def _stop_window(self) -> int:
+        """Where a stop not seen yet can start: the text handed out held none, so it ends after that."""
+        return max(0, len(self.text) - _longest(self.params.stop) + 1)
 
     def _emit(self, upto: str) -> str:
         if not upto.startswith(self.text):  # the tokenizer re-segmented earlier text: send nothing wrong
@@ -256,18 +274,25 @@ def _longest(stop: Sequence[str]) -> int:
 
 
 def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
+    """Index of the earliest stop string in text[start:] (only that window is searched), else None."""
     hits = [i for s in stop if s and (i := text.find(s, start)) >= 0]
     return min(hits) if hits else None
 
 
 def _stop_holdback(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest suffix of text that begins some stop string (it may still complete)."""
+    """Length of the longest suffix of text that begins some stop string (it may still complete).
+
+    Only the last len(s) - 1 characters can hold such a suffix, so only they are looked at: each
+    place where s's first character occurs there is a candidate, tried from the longest suffix down.
+    """
     best = 0
     for s in stop:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
+        i = text.find(s[0], max(0, len(text) - len(s) + 1)) if s else -1
+        while i >= 0 and len(text) - i > best:
+            if s.startswith(text[i:]):
+                best = len(text) - i
                 break
+            i = text.find(s[0], i + 1)
     return best
 
 

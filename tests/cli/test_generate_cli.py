@@ -16,6 +16,7 @@ import pytest
 from tests.serve.tiny_chat import build_tiny_chat_model
 
 from zipmoe.cli.main import main
+from zipmoe.convert import convert
 from zipmoe.generation import SamplingParams, encode_chat, encode_prompt, generate, load_handle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,42 @@ ROOT = Path(__file__).resolve().parents[2]
 def tiny(tmp_path_factory):
     path = build_tiny_chat_model(tmp_path_factory.mktemp("cli") / "tinychat")
     return path, load_handle(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny, tmp_path_factory):
+    return convert(tiny[0], tmp_path_factory.mktemp("cli-store") / "tinychat", progress=False, workers=2)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_loading_a_store_shows_a_progress_bar_on_a_terminal_only(tiny, tiny_store, capsys, monkeypatch):
+    want = generate(tiny[1], encode_prompt(tiny[1], "the cat"), SamplingParams(max_tokens=4)).text
+    args = ["generate", str(tiny_store), "the cat", "--max-tokens", "4"]
+    assert main(args) == 0  # stderr is captured, not a terminal: no bar
+    out = capsys.readouterr()
+    assert out.out == want + "\n" and "loading" not in out.err
+    for extra, shown in (([], True), (["--no-progress"], False)):
+        terminal = FakeTerminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main(args + extra) == 0
+        assert capsys.readouterr().out == want + "\n"
+        bar = terminal.getvalue()
+        assert ("loading (compiling the decoders)" in bar and "loading (ready)" in bar) == shown, bar
+        assert ("loading" in bar) == shown
+
+
+def test_load_reports_every_stage_in_order(tiny_store):
+    calls: list[tuple[str, int, int]] = []
+    load_handle(tiny_store, progress=lambda *call: calls.append(call))
+    total = calls[0][2]
+    assert [c[1] for c in calls] == [*range(total), total] and {c[2] for c in calls} == {total}
+    stages = [c[0] for c in calls]
+    assert stages[0] == "verifying dense weights" and stages[-2:] == ["building the model", "ready"]
+    assert "loading dense weights" in stages and "preloading experts" in stages
 
 
 def test_generate_prints_greedy_text(tiny, capsys):
@@ -53,6 +90,8 @@ def test_generate_chat_stats_and_stdin(tiny, capsys, monkeypatch):
         (["generate", "{tiny}", "hi", "--temperature", "5"], "--temperature"),
         (["generate", "{tiny}", "   "], "prompt is empty"),
         (["generate", "{tiny}", "word " * 300], "context"),
+        (["generate", "{tiny}", "hi", *["--stop", "x"] * 5], "at most 4 stop strings"),
+        (["generate", "{tiny}", "hi", "--stop", "x" * 300], "at most 256 characters"),
         (["chat", "/nonexistent/store"], "not a model directory"),
         (["serve", "/nonexistent/store"], "not a model directory"),
         (["serve", "{tiny}", "--api-key", ""], "--api-key"),

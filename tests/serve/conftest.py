@@ -1,4 +1,5 @@
-"""Fixtures: a tiny chat model on disk, its handle, and a live server on a free loopback port."""
+"""Fixtures: a tiny chat model on disk (checkpoint and zipmoe store), its handles, and a live server on a
+free loopback port."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import uvicorn
 from tests.serve.tiny_chat import build_tiny_chat_model
 
+from zipmoe.convert import convert
+from zipmoe.errors import BudgetTooSmallError
 from zipmoe.generation import ModelHandle, load_handle
 from zipmoe.serve.app import create_app
 from zipmoe.serve.service import GenerationService
@@ -26,6 +29,24 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def handle(tiny_dir) -> ModelHandle:
     return load_handle(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def store_dir(tiny_dir, tmp_path_factory):
+    """The tiny chat model converted to a zipmoe store (named like the checkpoint: model id 'tinychat')."""
+    return convert(tiny_dir, tmp_path_factory.mktemp("store") / "tinychat", progress=False, workers=2)
+
+
+@pytest.fixture(scope="session")
+def store_handle(store_dir) -> ModelHandle:
+    """The store served by the engine under its minimum budget, so experts are loaded, not all cached."""
+    budget = 1
+    for _ in range(10):  # each error names the minimum for the part that did not fit
+        try:
+            return load_handle(store_dir, device="cpu", memory_budget=budget, threads=1)
+        except BudgetTooSmallError as exc:
+            budget = exc.minimum_bytes
+    raise AssertionError("no budget found for the tiny store")
 
 
 class LiveServer:

@@ -115,13 +115,20 @@ def test_stop_and_seed(server, handle):
         (b'{"model": "tinychat"}', 400, "prompt"),
         (b'{"model": "tinychat", "prompt": ""}', 400, "prompt"),  # no tokens at all
         (b'{"model": "tinychat", "prompt": "hi", "seed": 1180591620717411303424}', 400, "seed"),  # 2**70
+        (b'{"model": "tinychat", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+        (b'{"model": "tinychat", "prompt": "hi", "stop": "' + b"x" * 257 + b'"}', 400, "stop"),
+        (b'{"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "stop": ["ok", "'
+         + b"y" * 300 + b'"]}', 400, "stop"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, param):
-    got, err = http(server, "/v1/completions", body)
+    path = "/v1/chat/completions" if b'"messages": [{' in body else "/v1/completions"
+    got, err = http(server, path, body)
     assert got == status, err
     assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
     assert err["error"]["param"] == param
+    if param == "stop":
+        assert "at most" in err["error"]["message"]
     assert_serving(server)
 
 

@@ -38,21 +38,21 @@ from zipmoe.models.load import load, unload
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import State
 
-# name -> zipmoe.load arguments. "zipmoe": the default (all-C split, LRU, shortened GIL switch interval,
-# two I/O threads); the others change one thing each (the ablation rows); "uncompressed-lru" reads the
-# raw store with every budget byte in F (its capacities are set per budget).
+# name -> zipmoe.load arguments. "zipmoe": the default (all-C split, LRFU eviction with admission, 0.5 ms
+# GIL switch interval, two I/O threads); the others change one thing each (the ablation rows);
+# "uncompressed-lru" reads the raw store with every budget byte in F, LRU (capacities set per budget).
 SYSTEMS: dict[str, dict] = {
     "zipmoe": {},
     "zipmoe-prefetch": {"prefetch": True},
     "zipmoe-planned": {"planning": True},
     "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},
+    "zipmoe-lru": {"eviction": "lru"},
+    "zipmoe-lru-prefetch": {"eviction": "lru", "prefetch": True},
     "zipmoe-fifo": {"eviction": "fifo"},
     "zipmoe-marking": {"eviction": "marking"},
-    "zipmoe-lrfu": {"eviction": "lrfu"},
-    "zipmoe-lrfu-prefetch": {"eviction": "lrfu", "prefetch": True},
     "zipmoe-1io": {"io_threads": 1},
     "zipmoe-gil5ms": {"switch_interval_s": 0.005},
-    "uncompressed-lru": {},
+    "uncompressed-lru": {"eviction": "lru"},
 }
 
 

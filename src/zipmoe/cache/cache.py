@@ -153,11 +153,11 @@ class ExpertCache:
         if en is None:
             en = self._entries[key] = SlotEntry()
         self._pins[key] = self._pins.get(key, 0) + 1
-        if en.f >= 0:
-            self._pol[State.F].touch(key)
-        host = en.host()
-        if host is not None:
-            self._pol[host].touch(key)
+        for pol in self._pol.values():  # members are touched; the others may remember the access
+            if key in pol:
+                pol.touch(key)
+            else:
+                pol.seen(key)
         st = en.state()
         self._count(_LOOKUP[st])
         return st
@@ -207,18 +207,28 @@ class ExpertCache:
         )
 
     def _claim(self, key: ExpertKey, en: SlotEntry, dec: Decision) -> None:
-        if dec.full and en.f < 0:
+        if dec.full and en.f < 0 and self._admits(State.F, key):
             slot = self._take_f()
             if slot >= 0:
                 en.f, en.pending = slot, en.pending | PEND_F
                 self._pol[State.F].insert(key)
         old = en.host()
         want = host_for(HOST_PLANES[old] | HOST_PLANES[dec.host])  # a load only adds planes
-        if want != old and self._move_host(key, en, want):
+        if want != old and self._admits(want, key) and self._move_host(key, en, want):
             if en.sm >= 0 and "sm" not in HOST_PLANES[old]:
                 en.pending |= PEND_SM
             if en.e >= 0 and "e" not in HOST_PLANES[old]:
                 en.pending |= PEND_E
+
+    def _admits(self, pool: State | None, key: ExpertKey) -> bool:
+        """The pool's policy lets a load of `key` displace its next victim (always, while there is room)."""
+        if pool is None:
+            return True
+        pol = self._pol[pool]
+        if len(pol) < self.capacity[pool]:
+            return True
+        victim = pol.victim(self._pins)
+        return victim is None or pol.admits(key, victim)  # None: no room, which the caller finds out
 
     def commit(self, key: ExpertKey, e_nbytes: int | None = None) -> None:
         """Every slot the last targets(key) returned is filled: make them part of the key's state.

@@ -47,6 +47,12 @@ class EvictionPolicy(Protocol):
     def sized(self, capacity: int) -> None:
         """The pool holds at most `capacity` members (called once by the cache, before any access)."""
 
+    def seen(self, key: ExpertKey) -> None:
+        """`key`, not a member, was accessed (policies that remember non-members count it)."""
+
+    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
+        """Whether a load of `candidate` (not a member) may evict `victim` to enter a full pool."""
+
     def __len__(self) -> int: ...
 
     def __contains__(self, key: object) -> bool: ...
@@ -75,6 +81,12 @@ class LRU:
 
     def sized(self, capacity: int) -> None:
         return None
+
+    def seen(self, key: ExpertKey) -> None:
+        return None
+
+    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
+        return True
 
     def __len__(self) -> int:
         return len(self._order)
@@ -137,6 +149,12 @@ class LFU:
     def sized(self, capacity: int) -> None:
         return None
 
+    def seen(self, key: ExpertKey) -> None:
+        return None
+
+    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
+        return True
+
     def __len__(self) -> int:
         return len(self._count)
 
@@ -180,6 +198,12 @@ class Marking:
     def sized(self, capacity: int) -> None:
         return None
 
+    def seen(self, key: ExpertKey) -> None:
+        return None
+
+    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
+        return True
+
     def __len__(self) -> int:
         return len(self._marked)
 
@@ -188,17 +212,20 @@ class Marking:
 
 
 class LRFU:
-    """Least recently/frequently used (Lee et al. 2001): each key's score is the sum of 2^(-age/H) over
-    its past accesses (age in accesses to this pool), kept while the key is out of the pool too; the
-    victim is the unpinned member with the lowest score.
+    """Least recently/frequently used (Lee et al. 2001) with a frequency admission filter (as TinyLFU,
+    Einziger et al. 2017): a key's score is the sum of 2^(-age/H) over its accesses (age counted in
+    accesses to this pool), remembered while the key is out of the pool too; the victim is the unpinned
+    member with the lowest score; a loaded key enters a full pool only if its score before this access
+    beats the victim's.
 
-    Why: within a request real MoE routing is skewed and steady (the calibrated sampler: the top 25 %
-    of a layer's experts take ~63 % of its activations), which frequency captures and recency does not.
-    Simulated on that sampler (6 layers, 64-token prompt + 16 steps, 22 of 60 experts per layer):
-    LRU 44 %, LRFU 53 %, Belady's optimum 66 % of decode accesses hit. The half-life H defaults to
-    HALF_LIFE_PER_SLOT × capacity accesses, the best value of that sweep (about 6.6 decode steps).
-    Scores are stored at a shared exponent scale (weights grow as 2^(t/H)), renormalised before
-    they could overflow; victim() is O(members).
+    Why: the engine's pools are shared by all layers. At batch 16 each layer needs nearly every expert,
+    so the access pattern is a cycle over the layers, where LRU (and plain LRFU) evict exactly what the
+    next layers need and hit nothing; the admission filter keeps a stable subset instead. At batch 1
+    real routing within a request is skewed and steady, which frequency captures. Simulated on the
+    calibrated sampler (6 layers × 60 experts, one pool of 135 slots, /tmp-style script in BENCHMARKS.md):
+    batch 16: LRU 0 %, LRFU 0 %, LRFU + admission 36 % hits; batch 1: 42.5 / 42.9 / 44.2 %.
+    H defaults to HALF_LIFE_PER_SLOT × capacity accesses. Scores live at a shared exponent scale
+    (weights grow as 2^(t/H)) and are renormalised before they could overflow; victim() is O(members).
     """
 
     name = "lrfu"
@@ -207,6 +234,7 @@ class LRFU:
     def __init__(self, half_life: float | None = None) -> None:
         self._half_life = half_life
         self._score: dict[ExpertKey, float] = {}  # every key seen, members or not
+        self._latest: dict[ExpertKey, float] = {}  # weight of each key's latest access
         self._members: dict[ExpertKey, None] = {}
         self._t = 0.0  # accesses so far (since the last renormalisation), in half-lives
 
@@ -220,16 +248,27 @@ class LRFU:
         self._t += 1.0 / self._half_life
         if self._t > 512:  # 2^512 is far from float overflow; rescale every score to the present
             scale = 2.0 ** -self._t
-            self._score = {k: v * scale for k, v in self._score.items() if v * scale > 1e-12}
+            self._score = {k: v * scale for k, v in self._score.items() if v * scale > 1e-12 or k in self._members}
+            self._latest = {k: self._latest[k] * scale for k in self._score}
             self._t = 0.0
-        self._score[key] = self._score.get(key, 0.0) + 2.0 ** self._t
+        weight = 2.0 ** self._t
+        self._score[key] = self._score.get(key, 0.0) + weight
+        self._latest[key] = weight
 
     def insert(self, key: ExpertKey) -> None:
+        if key not in self._latest:  # not seen() before: this insert is its access
+            self._access(key)
         self._members[key] = None
-        self._access(key)
 
     def touch(self, key: ExpertKey) -> None:
         self._access(key)
+
+    def seen(self, key: ExpertKey) -> None:
+        self._access(key)
+
+    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
+        before = self._score.get(candidate, 0.0) - self._latest.get(candidate, 0.0)
+        return before > self._score.get(victim, 0.0)
 
     def remove(self, key: ExpertKey) -> None:
         del self._members[key]

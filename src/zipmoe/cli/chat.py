@@ -30,6 +30,7 @@ def configure_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--system", default=None, metavar="TEXT", help="system message for the conversation")
     add_sampling_flags(parser)
     common.add_runtime_flags(parser)
+    common.add_progress_flag(parser)
     return parser
 
 
@@ -86,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     from zipmoe.generation import load_handle
 
     params = sampling_params(args)
-    handle = load_handle(args.store, device=args.device, memory_budget=args.memory_budget,
-                         threads=args.threads)
+    with common.load_progress(not args.no_progress) as progress:
+        handle = load_handle(args.store, device=args.device, memory_budget=args.memory_budget,
+                             threads=args.threads, progress=progress)
     if not getattr(handle.tokenizer, "chat_template", None):
         raise ZipMoEError(f"model {handle.model_id!r} has no chat template; use 'zipmoe generate' instead")
     session = ChatSession(handle, params, args.system)

@@ -4,7 +4,8 @@ Conventions (every subcommand module `zipmoe/cli/<name>.py` follows them):
 - `configure_parser(subparsers)` registers the command with `add_subcommand(...)`, which adds the
   global flags (`--debug`, `-v/--verbose`) so they work before or after the subcommand name.
 - Commands that run a model call `add_runtime_flags(parser)` for `--device`, `--memory-budget`,
-  `--threads`, with the same names, units and help everywhere.
+  `--threads`, with the same names, units and help everywhere; those that load one also call
+  `add_progress_flag(parser)` and load inside `with load_progress(not args.no_progress) as progress:`.
 - `run(args) -> int` only turns arguments into a library call; it raises `ZipMoEError` for bad input
   and the dispatcher (`cli/main.py`) prints it as one paragraph and exits with status 2.
 """
@@ -12,10 +13,12 @@ Conventions (every subcommand module `zipmoe/cli/<name>.py` follows them):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 
 from zipmoe.config import parse_size
 from zipmoe.errors import ZipMoEError
@@ -99,6 +102,34 @@ def add_threads_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
         help="CPU threads for exponent coding (decoding when serving, encoding when converting); "
         f"default: all cores ({_cores()} here)",
     )
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    """--no-progress: the loading bar is drawn on stderr only when it is a terminal, and not with this."""
+    parser.add_argument("--no-progress", action="store_true",
+                        help="do not show the loading progress bar (shown only when stderr is a terminal)")
+
+
+@contextlib.contextmanager
+def load_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A tqdm bar on stderr following the loading stages (zipmoe.models.load.load's `progress`);
+    yields None (silent) when disabled or when stderr is not a terminal (logs, pipes, CI)."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1, desc="loading", unit="stage", file=sys.stderr, leave=False,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.set_description(f"loading ({stage})", refresh=True)
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 def _cores() -> int:

@@ -45,6 +45,7 @@ def configure_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="print tokens, TTFT, TPOT and cache hit rates to stderr afterwards")
     add_sampling_flags(parser)
     common.add_runtime_flags(parser)
+    common.add_progress_flag(parser)
     return parser
 
 
@@ -81,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ZipMoEError("the prompt is empty: pass some text, or '-' to read it from stdin")
-    handle = load_handle(args.store, device=args.device, memory_budget=args.memory_budget,
-                         threads=args.threads)
+    with common.load_progress(not args.no_progress) as progress:
+        handle = load_handle(args.store, device=args.device, memory_budget=args.memory_budget,
+                             threads=args.threads, progress=progress)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         ids = encode_chat(handle, [*messages, {"role": "user", "content": prompt}])

@@ -45,6 +45,7 @@ def configure_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--max-running", type=common.positive_int, default=16, metavar="N",
                         help="requests decoded at once; more wait in a queue (default: %(default)s)")
     common.add_runtime_flags(parser)
+    common.add_progress_flag(parser)
     return parser
 
 
@@ -54,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.api_key is not None and not args.api_key.strip():
         raise ZipMoEError("--api-key is empty: give a non-empty key, or leave the flag out")
-    handle = load_handle(args.store, device=args.device, memory_budget=args.memory_budget,
-                         threads=args.threads, model_id=args.model_id)
+    with common.load_progress(not args.no_progress) as progress:
+        handle = load_handle(args.store, device=args.device, memory_budget=args.memory_budget,
+                             threads=args.threads, model_id=args.model_id, progress=progress)
     key_note = ", API key required" if args.api_key else ""
     print(f"serving {handle.model_id!r} on http://{args.host}:{args.port}/v1 "
           f"(context {handle.context_length} tokens{key_note})", flush=True)

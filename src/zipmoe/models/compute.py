@@ -198,6 +198,24 @@ def _check_layout(name: str, module: nn.Module) -> None:
         )
 
 
+def installed_source(model: nn.Module) -> ExpertSource | None:
+    """The ExpertSource serving `model`'s experts (None: zipmoe did not install one)."""
+    sources = {id(m._zipmoe_source): m._zipmoe_source for m in model.modules() if hasattr(m, "_zipmoe_source")}
+    if len(sources) > 1:
+        raise UnsupportedModelError(f"{type(model).__name__}'s experts modules are served by {len(sources)} "
+                                    "different sources; zipmoe installs one per model")
+    return next(iter(sources.values()), None)
+
+
+def replace_source(model: nn.Module, source: ExpertSource) -> None:
+    """Serve every installed experts module from `source` instead (e.g. a wrapper around the old one)."""
+    if installed_source(model) is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no experts modules installed by zipmoe")
+    for module in model.modules():
+        if hasattr(module, "_zipmoe_source"):
+            module._zipmoe_source = source
+
+
 def install(model: nn.Module, source: ExpertSource, reference: str | None = None) -> list[int]:
     """Serve every fused experts module of `model` from `source`; returns the MoE layer indices.
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -57,7 +58,7 @@ def load(
     *,
     workers: int | None = None,
     io_threads: int = 2,
-    eviction: str = "lru",
+    eviction: str = "lrfu",
     staging_slots: int | None = None,
     direct_io: bool | None = None,
     experts_implementation: str | None = None,
@@ -67,12 +68,14 @@ def load(
     planning: bool = False,
     prefetch: bool = False,
     preload: bool | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> torch.nn.Module:
     """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
 
     workers: decode threads (default: cores − 1, at most 8); io_threads: threads of the read channel
-    (two keep a read in flight while the other hands its result on). eviction: "lru", "lfu", "fifo"
-    or "marking". memory_budget: everything the engine holds (dense weights, expert pools, staging), bytes or a
+    (two keep a read in flight while the other hands its result on). eviction: "lrfu" (decayed
+    frequency with an admission filter, cache/policy.py), "lru", "lfu", "fifo" or "marking".
+    memory_budget: everything the engine holds (dense weights, expert pools, staging), bytes or a
     string like "6GiB"; None = enough to keep every expert decoded. experts_implementation: the
     transformers implementation results are bit-exact to ("eager" or "grouped_mm"; None = what
     from_pretrained picks). read_bytes_per_s caps disk reads to emulate a slower SSD (benchmarks
@@ -84,20 +87,22 @@ def load(
     next MoE layer's predicted experts (its router applied to this layer's hidden states) while the
     disk would idle; outputs are unchanged, the read-ahead slots come out of the budget. preload:
     read every expert at load (None = when the budget holds every expert decoded, as plain
-    from_pretrained would).
+    from_pretrained would). progress: called as progress(stage, done, total) when each loading stage
+    starts and once more at the end with done == total, for a progress bar; None (default) = silent.
     """
     device = torch.device(device)
     reader = StoreReader(store, direct_io=direct_io)
     try:
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
-                     experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch, preload)
+                     experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch, preload,
+                     progress=_Stages(progress))
     except BaseException:
         reader.close()
         raise
 
 
 def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots, experts_implementation,
-          read_bytes_per_s, costs, capacities, planning, prefetch, preload):
+          read_bytes_per_s, costs, capacities, planning, prefetch, preload, progress: _Stages):
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
@@ -105,8 +110,12 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     numel = uniform_numel(e.numel for e in entries)
     e_slot = reader.max_e_region_bytes
     dense = {}
+    progress.total = len(reader.manifest.dense_files) + 5
+    progress("verifying dense weights")
     for path in reader.dense_files():
+        progress("loading dense weights")
         dense.update(load_file(str(path), device=str(device)))
+    progress("allocating the expert cache")
     dense_bytes = sum(t.numel() * t.element_size() for t in dense.values())
     n_experts = len({e.key.expert for e in entries})
     slots = staging_slots or max(1, min(n_experts, 2 * _top_k(reader.config)))
@@ -150,11 +159,15 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
                 part.close()
         raise
     try:
+        progress("compiling the decoders")
         engine.warmup()
+        progress("preloading experts")
         if preload or (preload is None and fits and capacities is None):
             engine.preload()
+        progress("building the model")
         model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)
         install(model, engine)
+        progress.finish()
     except BaseException:
         engine.close()
         raise
@@ -166,6 +179,23 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     log.info("zipmoe: %d experts of %s, budget %s: %s", len(entries), format_size(2 * numel),
              format_size(budget.total), {k: format_size(v) for k, v in budget.breakdown().items()})
     return model
+
+
+class _Stages:
+    """Reports loading stages to a progress(stage, done, total) callback (None: silent)."""
+
+    def __init__(self, callback: Callable[[str, int, int], None] | None):
+        self.callback, self.done, self.total = callback, 0, 0
+
+    def __call__(self, stage: str) -> None:
+        """`stage` starts now; the ones before it are done."""
+        if self.callback is not None:
+            self.callback(stage, self.done, self.total)
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.callback is not None:
+            self.callback("ready", self.total, self.total)
 
 
 def _top_k(config: dict) -> int:

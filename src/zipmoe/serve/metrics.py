@@ -1,8 +1,9 @@
 """Prometheus metrics for `zipmoe serve`: request timings and tokens, plus the engine's cache counters.
 
 Request metrics are recorded by the engine thread when a request ends; the engine's counters (hits per
-state, bytes read, I/O-stall share) are read from the handle's stats function at scrape time. Each
-server owns its registry, so several servers (or tests) in one process do not collide.
+state, bytes read, I/O-stall share) and the batching counters (experts requested vs loaded) are read
+from stats functions at scrape time. Each server owns its registry, so several servers (or tests) in
+one process do not collide.
 """
 
 from __future__ import annotations
@@ -45,8 +46,27 @@ class _EngineCollector(Collector):
                                 value=float(stats.get("io_stall_share", 0.0)))
 
 
+class _ShareCollector(Collector):
+    """Batching counters from serve/shared_step.py: loads below requests are loads the rounds shared."""
+
+    def __init__(self, share_fn: Callable[[], dict] | None):
+        self.share_fn = share_fn
+
+    def collect(self):
+        if self.share_fn is None:
+            return
+        stats = self.share_fn()
+        for name, key, doc in (
+            ("zipmoe_batch_rounds", "rounds", "Rounds that stepped two or more requests together"),
+            ("zipmoe_batch_steps", "steps", "Request steps run in those rounds"),
+            ("zipmoe_batch_expert_requests", "requested", "Experts the requests' MoE layers asked for"),
+            ("zipmoe_batch_expert_loads", "loaded", "Experts the engine served for them (shared in a round)"),
+        ):
+            yield CounterMetricFamily(name, doc, value=float(stats.get(key, 0)))
+
+
 class ServerMetrics:
-    def __init__(self, stats_fn: Callable[[], dict] | None = None):
+    def __init__(self, stats_fn: Callable[[], dict] | None = None, share_fn: Callable[[], dict] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("zipmoe_time_to_first_token_seconds", "Request submission to first token",
@@ -59,6 +79,7 @@ class ServerMetrics:
         self.active = Gauge("zipmoe_requests_running", "Requests being decoded", registry=r)
         self.queued = Gauge("zipmoe_requests_waiting", "Requests waiting for a decoding slot", registry=r)
         r.register(_EngineCollector(stats_fn))
+        r.register(_ShareCollector(share_fn))
 
     def record_finished(self, outcome: str, prompt_tokens: int, completion_tokens: int,
                         ttft_s: float | None, tpot_s: float | None) -> None:

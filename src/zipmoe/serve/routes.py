@@ -71,11 +71,8 @@ def _params(svc: GenerationService, body: p.ChatCompletionRequest | p.Completion
     if limit is not None and limit > ctx:
         raise APIError(400, f"max_tokens is {limit}, but this model's context is {ctx} tokens; "
                        "ask for fewer tokens", "max_tokens", "context_length_exceeded")
-    stops = body.stop_list()
-    if len(stops) > p.MAX_STOP:
-        raise APIError(400, f"at most {p.MAX_STOP} stop sequences are allowed, got {len(stops)}", "stop")
     return SamplingParams(max_tokens=limit or ctx - len(prompt_ids), temperature=body.temperature,
-                          top_p=body.top_p, seed=body.seed, stop=stops)
+                          top_p=body.top_p, seed=body.seed, stop=body.stop_list())
 
 
 @router.post("/v1/chat/completions")

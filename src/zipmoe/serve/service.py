@@ -1,10 +1,13 @@
-"""The generation service: one engine thread owns the model and interleaves the running requests.
+"""The generation service: one engine thread owns the model and batches the running requests.
 
 HTTP handlers (event-loop thread) `submit()` a request and read its events from an asyncio queue;
 the engine thread admits waiting requests into up to `max_running` slots (FIFO), then advances every
-running request by one token per round (round-robin), pushing text deltas back to the event loop.
+running request by one token per round, pushing text deltas back to the event loop.
 A request whose client went away is `cancel()`ed: its slot and KV cache are freed at the next round.
-Each request decodes alone (batch 1) so its greedy text equals `zipmoe generate`'s bit for bit.
+Batching (serve/shared_step.py): in a round, each request's forward runs on its own request thread
+at batch 1, while the engine thread loads every MoE layer's experts once for all of them. Each
+request's greedy text therefore equals `zipmoe generate`'s bit for bit, and an expert that N requests
+need is loaded once, not N times. A model zipmoe does not serve (plain HF) steps them one by one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from zipmoe.errors import ZipMoEError
 from zipmoe.generation import Generation, GenerationResult, ModelHandle, SamplingParams
 from zipmoe.serve.metrics import ServerMetrics
+from zipmoe.serve.shared_step import Batcher, SharedExperts
 
 log = logging.getLogger("zipmoe.serve")
 
@@ -65,7 +69,9 @@ class GenerationService:
             raise ZipMoEError(f"max_running must be at least 1, got {max_running}")
         self.handle = handle
         self.max_running, self.max_waiting = max_running, max_waiting
-        self.metrics = metrics or ServerMetrics(handle.stats_fn)
+        self.shared = SharedExperts.install(handle.model)  # None: a plain HF model, stepped one by one
+        self.metrics = metrics or ServerMetrics(handle.stats_fn, self.shared.stats.snapshot if self.shared else None)
+        self._batcher = Batcher(self.shared)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[tuple[Request, Generation]] = []
         self._wake = threading.Condition()
@@ -127,6 +133,7 @@ class GenerationService:
         for req, gen in self._running:
             self._finish(req, gen, "cancelled")
         self._running.clear()
+        self._batcher.close()
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, dropping those already cancelled (holds _wake)."""
@@ -148,16 +155,18 @@ class GenerationService:
 
     def _round(self) -> None:
         """Advance every running request by one token; retire finished and cancelled ones."""
-        still: list[tuple[Request, Generation]] = []
+        live: list[tuple[Request, Generation]] = []
         for req, gen in self._running:
             if req.cancelled.is_set():
                 self._finish(req, gen, "cancelled")
-                continue
-            try:
-                delta = gen.step()
-            except Exception as exc:  # one bad request must not stop the server
-                log.exception("generation failed")
-                req.push(Failed(f"generation failed: {exc}"))
+            else:
+                live.append((req, gen))
+        outcomes = self._batcher.run([gen.step for _, gen in live])
+        still: list[tuple[Request, Generation]] = []
+        for (req, gen), delta in zip(live, outcomes, strict=True):
+            if isinstance(delta, Exception):  # one bad request must not stop the server
+                log.error("generation failed", exc_info=delta)
+                req.push(Failed(f"generation failed: {delta}"))
                 self._finish(req, gen, "error")
                 continue
             if delta:

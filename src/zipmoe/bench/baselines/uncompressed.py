@@ -20,6 +20,7 @@ class UncompressedSystem(ZipMoESystem):
     name: str = "uncompressed"
     label: str = "uncompressed LRU"
     coder: str = "raw"
+    eviction: str | None = "lru"  # the MoE-Infinity-style baseline: whole experts, LRU
 
     def _capacities(self, setup: Setup, budget: Budget) -> dict[State, int] | None:
         if budget.nbytes is None:

@@ -47,6 +47,7 @@ class ZipMoESystem(HFSystem):
     label: str = "zipmoe"
     page_cache: str = "O_DIRECT"
     coder: str = "huffman"  # which converted store it serves
+    eviction: str | None = None  # None: load()'s default
 
     def _capacities(self, setup: Setup, budget: Budget) -> dict[State, int] | None:
         return None  # the engine's default pool split
@@ -54,7 +55,8 @@ class ZipMoESystem(HFSystem):
     def _load(self, setup: Setup, budget: Budget) -> torch.nn.Module:
         model = load(setup.stores[self.coder], device=setup.device, memory_budget=budget.nbytes,
                      workers=setup.workers, capacities=self._capacities(setup, budget),
-                     experts_implementation=setup.experts_implementation)
+                     experts_implementation=setup.experts_implementation,
+                     **({"eviction": self.eviction} if self.eviction else {}))
         engine = model.zipmoe_engine
         if not engine.reader.direct:
             self.page_cache = "buffered (O_DIRECT unsupported here: page cache may hold experts)"
