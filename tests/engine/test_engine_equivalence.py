@@ -69,11 +69,13 @@ def test_logits_and_tokens_equal_transformers(converted, reference, device):
                 out = model.generate(input_ids=ids, attention_mask=mask, **gen)
                 assert torch.equal(out, ref.generate(input_ids=ids, attention_mask=mask, **gen))
             stats = model.zipmoe_engine.stats.snapshot()
-            assert stats["experts_served"] > 0
+            # "all": every expert preloaded into F and run by the model's own kernels on the pool's memory
+            assert model.zipmoe_engine.resident == (name == "all")
+            assert (stats["experts_served"] > 0) == (name != "all")
             budget_obj = model.zipmoe_engine.cache.budget
             assert budget_obj.peak() <= budget_obj.total
             if name == "all":
-                assert stats["bytes_read"] == 0 and stats["hits"]["F"] == stats["experts_served"], "not preloaded"
+                assert stats["bytes_read"] == 0, "not preloaded"
             if name == "minimum":
                 assert stats["hits"]["MISS"] + stats["hits"]["S"] + stats["hits"]["E"] > 0, "budget forced no loads"
         finally:

@@ -13,7 +13,7 @@ pool at once (inclusive); its state is F if it has a committed F slot, else C/S/
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -219,6 +219,19 @@ class ExpertCache:
                 en.pending |= PEND_SM
             if en.e >= 0 and "e" not in HOST_PLANES[old]:
                 en.pending |= PEND_E
+
+    def f_block(self, keys: Sequence[ExpertKey]) -> torch.Tensor | None:
+        """The [len(keys), numel] view of the F slab when `keys` hold consecutive committed F slots in
+        this order (a preload in key order lays a layer out so), else None. No copy."""
+        slots = []
+        for key in keys:
+            en = self._entries.get(key)
+            if en is None or en.f < 0 or en.pending & PEND_F:
+                return None
+            slots.append(en.f)
+        if not slots or slots != list(range(slots[0], slots[0] + len(slots))):
+            return None
+        return self._f.tensor[slots[0] : slots[0] + len(slots)]
 
     def _admits(self, pool: State | None, key: ExpertKey) -> bool:
         """The pool's policy lets a load of `key` displace its next victim (always, while there is room)."""

@@ -144,6 +144,7 @@ class Engine:
             self._host_out = torch.empty((staging_slots, cache.numel), dtype=torch.int16, pin_memory=True)
         self._copied = [torch.cuda.Event() for _ in range(staging_slots)] if self._cuda else []
         self._closed = False
+        self.resident = False  # set by load(): the model runs its own kernels on the F pool (no hits counted)
         shorten_switch_interval()  # the loader threads hand results on without waiting 5 ms for the GIL
 
     # ---- ExpertSource ----
@@ -325,6 +326,21 @@ class Engine:
         if free and self.prefetcher is not None:
             self.prefetcher.disk_free()
         return out
+
+    def resident_weights(self, layer: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All of a layer's experts as the fused [E,2I,H] and [E,H,I] tensors transformers uses, as views of
+        the F pool, when every expert is held decoded there for good (the budget holds the whole model and
+        preload() laid them out in order); else None. Lets the model run its own kernels on them."""
+        if self.cache.capacity[State.F] < len(self.reader.entries):
+            return None  # F could evict: the views would not stay valid
+        keys = [ExpertKey(layer, e) for e in range(num_experts)]
+        if any(k not in self.reader.entries for k in keys):
+            return None
+        block = self.cache.f_block(keys)
+        if block is None:
+            return None
+        s = self.shapes
+        return block[:, : s.split].view(num_experts, *s.gate_up), block[:, s.split :].view(num_experts, *s.down)
 
     def preload(self) -> None:
         """Load every expert through the normal path, layer by layer, so that when the budget holds them

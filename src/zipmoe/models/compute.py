@@ -147,7 +147,10 @@ def _hint_next_layer(self: nn.Module, hidden_states: torch.Tensor) -> None:
 def zipmoe_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The registered "zipmoe" implementation: dispatch to the reference picked at install time."""
+    """The registered "zipmoe" implementation: dispatch to the reference picked at install time, or run
+    the reference itself when the module's weights are resident (serve_resident)."""
+    if self._zipmoe_resident is not None:
+        return self._zipmoe_resident(self, hidden_states, top_k_index, top_k_weights)
     _hint_next_layer(self, hidden_states)
     return self._zipmoe_forward(self, hidden_states, top_k_index, top_k_weights)
 
@@ -216,6 +219,47 @@ def replace_source(model: nn.Module, source: ExpertSource) -> None:
             module._zipmoe_source = source
 
 
+def _reference_forward(module: nn.Module, reference: str) -> Callable[..., torch.Tensor]:
+    """transformers' own forward for `reference`: the interface's function, or the class's undecorated
+    forward for "eager" (what @use_experts_implementation dispatches to)."""
+    original = getattr(type(module).forward, "__wrapped__", None)
+    if reference == "eager":
+        if original is None:
+            raise UnsupportedModelError(f"{type(module).__name__}.forward is not the experts-interface wrapper")
+        return original
+    return ExpertsInterface._global_mapping[reference]
+
+
+def serve_resident(model: nn.Module, source: ExpertSource) -> bool:
+    """If the source holds every expert decoded in place for good (everything fits), hand the views to the
+    experts modules as their weights and run transformers' own implementation on them: the same kernels
+    on the same bytes as plain from_pretrained, so no per-expert work per step. False: nothing changed."""
+    resident = getattr(source, "resident_weights", None)
+    modules = experts_modules(model)
+    if resident is None or not modules:
+        return False
+    weights = [resident(layer, module.gate_up_proj.shape[0]) for layer, _, module in modules]
+    if any(w is None for w in weights):
+        return False
+    reference = model._zipmoe_reference
+    for (_, _, module), (gate_up, down) in zip(modules, weights, strict=True):
+        module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        module.down_proj = nn.Parameter(down, requires_grad=False)
+        module._zipmoe_resident = _reference_forward(module, reference)
+    return True
+
+
+def release_resident(model: nn.Module) -> None:
+    """Undo serve_resident (at unload): the modules let go of the pool's memory and cannot run."""
+    for _, _, module in experts_modules(model):
+        if getattr(module, "_zipmoe_resident", None) is not None:
+            for pname in ("gate_up_proj", "down_proj"):
+                old = getattr(module, pname)
+                setattr(module, pname, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
+                                                    requires_grad=False))
+            module._zipmoe_resident = None
+
+
 def install(model: nn.Module, source: ExpertSource, reference: str | None = None) -> list[int]:
     """Serve every fused experts module of `model` from `source`; returns the MoE layer indices.
 
@@ -251,6 +295,7 @@ def install(model: nn.Module, source: ExpertSource, reference: str | None = None
         module._zipmoe_source = source
         module._zipmoe_layer = layer
         module._zipmoe_forward = _FORWARDS[reference]
+        module._zipmoe_resident = None  # serve_resident: the reference implementation itself
     model._zipmoe_reference = reference
     model.set_experts_implementation(IMPLEMENTATION)
     return sorted(layer for layer, _, _ in modules)

@@ -27,7 +27,7 @@ from zipmoe.engine.planning import PlannedPools
 from zipmoe.engine.prefetch import Prefetcher
 from zipmoe.errors import UnsupportedModelError, ZipMoEError
 from zipmoe.models.build import build_model_without_experts
-from zipmoe.models.compute import install
+from zipmoe.models.compute import install, release_resident, serve_resident
 from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.tasks import CostModel
 from zipmoe.store.reader import StoreReader
@@ -167,6 +167,8 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
         progress("building the model")
         model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)
         install(model, engine)
+        # everything preloaded in place: the model's own kernels run on the F pool, no per-step engine work
+        engine.resident = serve_resident(model, engine)
         progress.finish()
     except BaseException:
         engine.close()
@@ -210,5 +212,6 @@ def unload(model: torch.nn.Module) -> None:
     engine = getattr(model, "zipmoe_engine", None)
     if engine is None:
         raise ZipMoEError("this model was not loaded by zipmoe.load")
+    release_resident(model)
     engine.close()
 
