@@ -174,6 +174,7 @@ def run(args) -> dict:
                              cfg["num_hidden_layers"], seed=args.seed)
     override = LookaheadRouting(RouterOverride(sampler))
     staging = 8 * numel * 8 + (1 << 24)
+    batches = [(1, args.new_tokens)] + ([(args.big_batch, args.big_batch_tokens)] if args.big_batch > 0 else [])
     runs = [tuple(r.split(":")) for r in args.runs] if args.runs else [
         (name, str(frac)) for frac in args.budgets for name in args.systems]
     for name, frac_s in runs:
@@ -197,7 +198,7 @@ def run(args) -> dict:
             oracle_hints(model, override, args.prefetch_accuracy, args.seed)
         try:
             measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up: CUDA, kernels
-            for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
+            for batch, new in batches:
                 profiler = cProfile.Profile() if args.profile and batch == 1 else None
                 if profiler:
                     profiler.enable()
@@ -226,7 +227,7 @@ def run(args) -> dict:
         ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda")
         hook_routers(ref, override)
         measure(ref, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up, as for the others
-        for batch, new in ((1, args.new_tokens), (args.big_batch, args.big_batch_tokens)):
+        for batch, new in batches:
             m = measure(ref, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
             m.update(system="transformers-all-on-gpu", budget_frac=1.0)
             result["runs"].append(m)
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="zipmoe-prefetch: share of next-layer experts the (sampler-oracle) hints get right")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--big-batch", type=int, default=16)
+    p.add_argument("--big-batch", type=int, default=16, help="second batch size measured (0: batch 1 only)")
     p.add_argument("--big-batch-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
