@@ -14,7 +14,8 @@ import torch
 from tests.serve.conftest import LiveServer
 from tests.serve.test_server import http, metric_value
 
-from zipmoe.generation import SamplingParams, encode_chat, encode_prompt, generate
+from zipmoe.generation import SamplingParams, encode_chat, encode_prompt, generate, load_handle
+from zipmoe.models.load import unload
 from zipmoe.serve.service import GenerationService, collect
 from zipmoe.serve.shared_step import Batcher, SharedExperts, SharedLoadError
 
@@ -226,3 +227,19 @@ def test_sixteen_streaming_clients_on_a_store_share_loads(store_handle):
         assert http(live, "/health", key=None)[1]["engine_alive"]
     finally:
         live.stop()
+
+
+def test_concurrent_requests_on_a_resident_model_equal_zipmoe_generate(store_dir):
+    """Everything fits: the experts run as the model's own weights (no source calls), and a round of
+    concurrent requests must neither wait on a rendezvous nobody joins nor change any output."""
+    handle = load_handle(store_dir, device="cpu", memory_budget=None, threads=1)
+    try:
+        assert handle.model.zipmoe_engine.resident
+        params = SamplingParams(max_tokens=8)
+        prompts = [encode_prompt(handle, f"a dog {i}") for i in range(4)]
+        want = [generate(handle, ids, params) for ids in prompts]
+        got, service = _serve_all(handle, prompts, params)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert service.shared.stats.snapshot()["loaded"] == 0
+    finally:
+        unload(handle.model)
