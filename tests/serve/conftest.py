@@ -6,7 +6,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import uvicorn
@@ -82,3 +83,29 @@ def server(handle) -> Iterator[LiveServer]:
     live = LiveServer(handle, API_KEY, max_running=16)
     yield live
     live.stop()
+
+
+def stream_chats(make_client: Callable[[], Any], model: str, prompts: list[str], max_tokens: int,
+                 join_s: float) -> dict[str, str]:
+    """One greedy streaming chat completion per prompt, all at once (a thread each): prompt -> text.
+    Raises the first client error."""
+    got: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def one(prompt: str) -> None:
+        try:
+            s = make_client().chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=0, stream=True)
+            got[prompt] = "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_s)
+    if errors:
+        raise errors[0]
+    return got

@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.serve.conftest import API_KEY, LiveServer
+from tests.serve.conftest import API_KEY, LiveServer, stream_chats
 
 from zipmoe.generation import SamplingParams, encode_chat, encode_prompt, generate
 
@@ -206,25 +206,7 @@ def test_disconnect_mid_stream_frees_slot(handle):
 def test_sixteen_concurrent_streams(server, handle):
     prompts = [f"the cat {i}" for i in range(16)]
     want = {p: expected_chat(handle, p, 12) for p in prompts}
-    got: dict[str, str] = {}
-    errors: list[BaseException] = []
-
-    def one(prompt: str) -> None:
-        try:
-            s = client(server).chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0,
-                stream=True)
-            got[prompt] = "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    assert got == want
+    assert stream_chats(lambda: client(server), MODEL, prompts, 12, 120) == want
 
 
 def test_metrics_parse(server):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import openai
 import pytest
 import torch
-from tests.serve.conftest import LiveServer
+from tests.serve.conftest import LiveServer, stream_chats
 from tests.serve.test_server import http, metric_value
 
 from zipmoe.generation import SamplingParams, encode_chat, encode_prompt, generate, load_handle
@@ -202,25 +202,10 @@ def test_sixteen_streaming_clients_on_a_store_share_loads(store_handle):
         prompts = [f"the mat {i}" for i in range(16)]
         want = {p: generate(store_handle, encode_chat(store_handle, [{"role": "user", "content": p}]),
                             SamplingParams(max_tokens=8)).text for p in prompts}
-        got: dict[str, str] = {}
-        errors: list[BaseException] = []
+        def make_client() -> openai.OpenAI:
+            return openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT_S)
 
-        def one(prompt: str) -> None:
-            try:
-                c = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT_S)
-                s = c.chat.completions.create(model="tinychat", messages=[{"role": "user", "content": prompt}],
-                                              max_tokens=8, temperature=0, stream=True)
-                got[prompt] = "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(2 * TIMEOUT_S)
-        assert not errors, errors
-        assert got == want
+        assert stream_chats(make_client, "tinychat", prompts, 8, 2 * TIMEOUT_S) == want
         assert metric_value(live, "zipmoe_batch_rounds_total") >= 1
         loads = metric_value(live, "zipmoe_batch_expert_loads_total")
         assert 0 < loads < metric_value(live, "zipmoe_batch_expert_requests_total")

@@ -58,7 +58,20 @@ class EvictionPolicy(Protocol):
     def __contains__(self, key: object) -> bool: ...
 
 
-class LRU:
+class _MembersOnly:
+    """For policies that know only their members: no sizing, no memory of others, admit every load."""
+
+    def sized(self, capacity: int) -> None:
+        return None
+
+    def seen(self, key: ExpertKey) -> None:
+        return None
+
+    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
+        return True
+
+
+class LRU(_MembersOnly):
     """Least recently used first: one OrderedDict, oldest at the front."""
 
     name = "lru"
@@ -79,15 +92,6 @@ class LRU:
     def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
         return next((k for k in self._order if k not in pinned), None)
 
-    def sized(self, capacity: int) -> None:
-        return None
-
-    def seen(self, key: ExpertKey) -> None:
-        return None
-
-    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
-        return True
-
     def __len__(self) -> int:
         return len(self._order)
 
@@ -104,7 +108,7 @@ class FIFO(LRU):
         return None
 
 
-class LFU:
+class LFU(_MembersOnly):
     """Least frequently used first, least recently used among equal counts; O(1) except when pinned.
 
     Counts start at 1 when a key enters this pool and are forgotten when it leaves (no aging).
@@ -146,15 +150,6 @@ class LFU:
                     return key
         return None
 
-    def sized(self, capacity: int) -> None:
-        return None
-
-    def seen(self, key: ExpertKey) -> None:
-        return None
-
-    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
-        return True
-
     def __len__(self) -> int:
         return len(self._count)
 
@@ -162,7 +157,7 @@ class LFU:
         return key in self._count
 
 
-class Marking:
+class Marking(_MembersOnly):
     """The marking algorithm (Fiat et al. 1991), one of the paper's ablation baselines: a member is marked
     when it enters or is accessed; the victim is a random unmarked member; when every unpinned member is
     marked, a new phase unmarks them all. Seeded, so a run repeats. victim() is O(members): pools hold
@@ -194,15 +189,6 @@ class Marking:
                 self._marked[k] = False
             unmarked = free
         return self._rng.choice(unmarked)
-
-    def sized(self, capacity: int) -> None:
-        return None
-
-    def seen(self, key: ExpertKey) -> None:
-        return None
-
-    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
-        return True
 
     def __len__(self) -> int:
         return len(self._marked)
