@@ -3,6 +3,7 @@ and off (and to plain transformers), for every model type, at a budget that forc
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -11,6 +12,7 @@ from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 from zipmoe.convert import convert
 from zipmoe.models.load import load, unload
 from zipmoe.store.reader import StoreReader
+from zipmoe.types import State
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
@@ -44,7 +46,28 @@ def test_prefetch_on_off_identical(converted):
                 assert counters["hinted"] > 0 and counters["read"] > 0, counters
                 assert counters["used"] > 0, f"no prefetched expert was decoded (path untested): {counters}"
                 assert engine.stats.snapshot()["prefetch_bytes_read"] > 0
+                _assert_cache_holds_the_stored_planes(engine)
             else:
                 assert engine.prefetcher is None and engine.hint is None
         finally:
             unload(model)
+
+
+def _assert_cache_holds_the_stored_planes(engine) -> None:
+    """Planes the cache kept (prefetched experts' included, copied shard by shard by the workers) are
+    byte for byte what the store holds, so later hits decode the right weights."""
+    reader, cache = engine.reader, engine.cache
+    sm_buf, e_buf = reader.new_sm_buffer(), reader.new_e_buffer()
+    checked = 0
+    for key, entry in reader.entries.items():
+        state = cache.state(key)
+        if state in (State.C, State.S):
+            assert np.array_equal(cache.sm_view(key)[: entry.numel], reader.read_sm_into(entry, sm_buf)), key
+            checked += 1
+        if state in (State.C, State.E):
+            held = engine._split_shards(entry, cache.e_view(key))
+            for a, b in zip(held, reader.read_e_into(entry, e_buf), strict=True):
+                assert np.array_equal(a, b), key
+            checked += 1
+    if any(cache.capacity[p] for p in (State.C, State.S, State.E)):
+        assert checked > 0, "the cache has host pools but holds no planes: nothing was checked"

@@ -63,8 +63,8 @@ class ExpertShapes:
 class _Load:
     """Buffers and progress of one expert being loaded in the current wave (compute-thread owned)."""
 
-    __slots__ = ("e_buf", "entry", "exp", "fused", "key", "out", "out_u16", "prefetched", "shards", "slot", "sm",
-                 "sm_buf", "state", "unverified")
+    __slots__ = ("e_buf", "entry", "exp", "fused", "keep_e", "keep_sm", "key", "out", "out_u16", "prefetched",
+                 "shards", "slot", "sm", "sm_buf", "state", "unverified")
 
     def __init__(self, key: ExpertKey, state: State, entry: ExpertEntry):
         self.key, self.state, self.entry = key, state, entry
@@ -74,6 +74,8 @@ class _Load:
         self.sm: np.ndarray | None = None  # SM plane [N] (cache slot or read buffer)
         self.shards: list[np.ndarray] = []  # K compressed exponent shards
         self.unverified = False  # shards were just read: each is checksummed by the worker that decodes it
+        self.keep_sm: np.ndarray | None = None  # cache slots a prefetched expert's planes are copied into,
+        self.keep_e: np.ndarray | None = None  # shard by shard on the decode workers (not the compute thread)
         self.sm_buf: np.ndarray | None = None  # where a SM read lands
         self.e_buf: np.ndarray | None = None  # where an E read lands
         self.exp: np.ndarray | None = None  # decoded exponent plane [N] (unfused path)
@@ -102,6 +104,11 @@ class LayerOps:
         if load.unverified:  # K checks run on the workers in parallel; the I/O thread only reads
             StoreReader.verify_shard(load.entry, shard, load.shards[shard])
         coder = self._engine.coder
+        if load.keep_sm is not None:
+            load.keep_sm[lo:hi] = load.sm[lo:hi]
+        if load.keep_e is not None:
+            at = load.entry.e_shards[shard].offset - load.entry.e_offset
+            load.keep_e[at : at + load.shards[shard].size] = load.shards[shard]
         if load.fused:
             coder.decode_merge_into(load.shards[shard], load.sm[lo:hi], load.out_u16[lo:hi])
         else:
@@ -235,17 +242,16 @@ class Engine:
             load.out_u16, load.out = st.full.u16[slot], st.full.views[slot]
 
     def _bind_prefetched(self, load: _Load, t) -> None:
-        """Decode from the prefetched planes (or the cache's, where it holds one); copy into the slots the
-        admission policy handed out, so the cache keeps them as if it had read them itself."""
+        """Decode from the prefetched planes (or the cache's, where it holds one). The slots the admission
+        policy handed out get the planes too, so the cache keeps them as if it had read them itself: each
+        decode worker copies its shard's slices (a prefetched expert is always decoded fused, K shards)."""
         cache, key, entry = self.cache, load.key, load.entry
         sm, region = load.prefetched
         held = cache.state(key)
         load.sm = cache.sm_view(key) if held is State.S else sm
         load.shards = self._split_shards(entry, cache.e_view(key) if held is State.E else region)
-        if t.sm is not None:
-            np.copyto(t.sm[: entry.numel], sm)
-        if t.e is not None:
-            np.copyto(t.e[: entry.e_length], region)
+        load.keep_sm = t.sm
+        load.keep_e = t.e
 
     def _collect(self, layer: int) -> dict:
         if self.prefetcher is None:
