@@ -9,6 +9,7 @@ Times in seconds, sizes in bytes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -63,19 +64,24 @@ class EngineStats:
 
 
 class StepClock:
-    """Times each model forward via hooks: a pre-hook starts the clock, a post-hook records it."""
+    """Times each model forward via hooks: a pre-hook starts the clock, a post-hook records it.
+
+    The start is kept per thread: the server runs the forwards of a batched round on one thread per
+    request, at the same time (serve/shared_step.py)."""
 
     def __init__(self, stats: EngineStats):
         self.stats = stats
-        self._t0 = 0.0
-        self._query_len = 0
+        self._local = threading.local()
+        self._lock = threading.Lock()
 
     def pre(self, module, args, kwargs) -> None:
-        self._t0 = time.perf_counter()
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
-        self._query_len = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 0
+        self._local.query_len = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 0
+        self._local.t0 = time.perf_counter()
 
     def post(self, module, args, kwargs, output) -> None:
-        self.stats.record_step(time.perf_counter() - self._t0, self._query_len)
+        seconds = time.perf_counter() - self._local.t0
+        with self._lock:
+            self.stats.record_step(seconds, self._local.query_len)
