@@ -34,6 +34,7 @@ from zipmoe.bench.synth import build_synthetic
 from zipmoe.convert import convert
 from zipmoe.engine import gil
 from zipmoe.engine.metrics import EngineStats, StepClock
+from zipmoe.models.compute import PREFETCH_MAX_TOKENS
 from zipmoe.models.load import load, unload
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import State
@@ -106,7 +107,7 @@ def oracle_hints(model, routing: LookaheadRouting, accuracy: float, seed: int) -
         def hook(mod, args, output, layer=layer):
             tokens = args[0].reshape(-1, args[0].shape[-1]).shape[0]
             rows = len(routing.rows)
-            if tokens // rows > 4:  # decode-sized calls only, like the model-side prediction
+            if tokens > PREFETCH_MAX_TOKENS:  # the model-side prediction's rule (a batch of 16 gets no hints)
                 return
             ids = routing.peek(following[layer], rows, tokens // rows).reshape(-1)
             noisy = np.where(rng.random(ids.shape) < accuracy, ids, rng.integers(0, num_experts, ids.shape))
