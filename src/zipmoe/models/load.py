@@ -9,7 +9,6 @@ Sizes in bytes.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import weakref
 from collections.abc import Callable
@@ -143,8 +142,6 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction,
                         capacities=capacities, admission=pools.admission if pools else None)
     budget.release("staging")
-    if not math.isfinite(costs.merge_bytes_per_s):  # checked before any thread starts
-        raise ZipMoEError("the cost model needs a finite merge rate (E and MISS loads merge)")
     executor = prefetcher = None
     try:
         coder = get_coder(reader.manifest.codec_id, **reader.manifest.codec_params)

@@ -65,9 +65,10 @@ class _Run:
         self.dec_end, self.ready, self.delivered = [nan] * n, [nan] * n, [nan] * n
 
     def begin(self, e: int, need_e: bool) -> bool:
-        """Wait until the step's inputs are in (a shard: E; a merge: all shards + SM); False if stopped."""
+        """Wait until the step's inputs are in (a shard: E, and SM when its expert has no merge step, i.e.
+        the shard merges in place; a merge: all shards + SM); False if stopped."""
         with self.cond:
-            while not self.stopped and not (self.e_in[e] if need_e else self.inputs_in(e)):
+            while not self.stopped and not (self.shard_inputs_in(e) if need_e else self.inputs_in(e)):
                 self.cond.wait()
             if self.stopped:
                 return False
@@ -76,6 +77,9 @@ class _Run:
 
     def inputs_in(self, e: int) -> bool:
         return self.shards_left[e] == 0 and self.sm_left[e] == 0
+
+    def shard_inputs_in(self, e: int) -> bool:
+        return self.e_in[e] and (self.has_merge[e] or self.sm_left[e] == 0)
 
     def mark_ready(self, e: int, now: float) -> None:
         """Caller holds the lock."""

@@ -30,7 +30,10 @@ class ExpertTask:
 
     F: compute only. C: K decode jobs → merge → compute. S: read E → decode → merge → compute.
     E: read SM ‖ decode (independent) → merge → compute. MISS: read E → decode, read SM; both → merge →
-    compute. Type-I (E, MISS) needs the I/O channel for SM; Type-II (C, S) is mostly decode work.
+    compute. With merge_s = 0 the shards merge in place (fused), so an E or MISS task's shards wait for
+    both reads and there is no merge job (the engine runs every state fused: a K-way parallel tail
+    instead of one worker's merge). Type-I (E, MISS) needs the I/O channel for SM; Type-II (C, S) is
+    mostly decode work.
     """
 
     key: ExpertKey  # which expert
