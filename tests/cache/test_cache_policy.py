@@ -3,7 +3,7 @@
 import pytest
 from tests.cache.cache_helpers import holds_right_data, load, make
 
-from zipmoe.cache.policy import FIFO, LFU, LRFU, LRU, Marking, eviction_factory
+from zipmoe.cache.policy import FIFO, LFU, LRFU, LRU, EvictionPolicy, Marking, eviction_factory
 from zipmoe.errors import ZipMoEError
 from zipmoe.types import ExpertKey, State
 
@@ -160,3 +160,50 @@ def test_lrfu_admission_keeps_a_stable_subset_of_a_cycle_that_lru_thrashes() -> 
     lrfu_hits, _ = _cyclic_hits("lrfu")
     assert lru_hits == 0  # LRU evicts exactly what the next layer needs
     assert lrfu_hits >= seen * 4 // 16  # most of the 6 slots keep hitting every round
+
+
+class _LegacyLRU:
+    """A user policy written against the first protocol (six methods, no sized/seen/admits)."""
+
+    def __init__(self) -> None:
+        self.order: list[ExpertKey] = []
+
+    def insert(self, key: ExpertKey) -> None:
+        self.order.append(key)
+
+    def touch(self, key: ExpertKey) -> None:
+        self.order.remove(key)
+        self.order.append(key)
+
+    def remove(self, key: ExpertKey) -> None:
+        self.order.remove(key)
+
+    def victim(self, pinned) -> ExpertKey | None:
+        return next((key for key in self.order if key not in pinned), None)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.order
+
+
+class _SubclassedLRU(_LegacyLRU, EvictionPolicy):
+    """The same, declared as an explicit EvictionPolicy subclass (inherits the protocol's defaults)."""
+
+
+@pytest.mark.parametrize("cls", [_LegacyLRU, _SubclassedLRU])
+def test_a_policy_from_the_first_protocol_still_evicts(cls) -> None:
+    cache = make({State.F: 2}, eviction=cls)
+    for i in range(6):
+        load(cache, k(i))
+    assert [i for i in range(6) if cache.state(k(i)) is State.F] == [4, 5]  # not frozen at [0, 1]
+
+
+def test_lrfu_never_reuses_a_victim_that_got_pinned() -> None:
+    p = LRFU(half_life=10)
+    for i in range(3):
+        p.insert(k(i))
+    first = p.victim(set())
+    assert p.victim(set()) == first  # nothing changed: the memo answers
+    assert p.victim({first}) not in (first, None)

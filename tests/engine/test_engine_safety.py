@@ -185,3 +185,19 @@ def test_unbounded_budget_with_prefetch_still_keeps_every_expert_decoded(store):
         assert model.zipmoe_engine.cache.capacity[State.F] == n
     finally:
         unload(model)
+
+
+def test_closing_the_engine_of_a_resident_model_takes_its_weights_back(store):
+    """Everything fits: the experts modules run on views of the F pool. Closing the engine (not only
+    unload) must drop those views, so the model cannot run on freed memory."""
+    from zipmoe.models.compute import experts_modules
+
+    model = load(store, memory_budget=None, workers=1)
+    engine = model.zipmoe_engine
+    assert engine.resident
+    with torch.no_grad():
+        model(input_ids=_ids())
+    engine.close()
+    for _, _, module in experts_modules(model):
+        assert module._zipmoe_resident is None
+        assert module.gate_up_proj.device.type == "meta" and module.down_proj.device.type == "meta"

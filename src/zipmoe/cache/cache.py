@@ -20,7 +20,7 @@ import torch
 
 from zipmoe.cache.accounting import MemoryBudget
 from zipmoe.cache.entries import PEND_E, PEND_F, PEND_SM, Lease, SlotEntry, Targets
-from zipmoe.cache.policy import HOST_PLANES, AdmissionPolicy, Decision, EvictionPolicy, KeepAll, host_for
+from zipmoe.cache.policy import HOST_PLANES, AdmissionPolicy, Decision, EvictionPolicy, KeepAll, host_for, with_defaults
 from zipmoe.cache.policy import eviction_factory as _eviction_factory
 from zipmoe.cache.pools import POOLS, capacities_from_bytes, check_capacities, default_capacities, entry_bytes
 from zipmoe.cache.slabs import PAGE, DeviceSlab, HostSlab, copy_full, copy_plane
@@ -60,6 +60,10 @@ class ExpertCache:
         sizes = ", ".join(f"{p.name} {self.capacity[p]} x {format_size(self.per_entry[p])}" for p in POOLS)
         what = f"{staging_slots} staging slots ({format_size(staging_bytes)}) + the expert pools ({sizes})"
         budget.ensure_fits(staging_bytes + sum(pools.values()), what)  # the whole minimum in one message
+        factory = _eviction_factory(eviction)  # policies first: a bad one fails before anything is reserved
+        self._pol: dict[State, EvictionPolicy] = {p: with_defaults(factory()) for p in POOLS}
+        for p, pol in self._pol.items():
+            pol.sized(self.capacity[p])
         self.default_staging = self.staging(staging_slots) if staging_slots else None
         try:
             self._allocate_pools(pools, populate)
@@ -67,10 +71,6 @@ class ExpertCache:
             if self.default_staging is not None:
                 self.release_staging(self.default_staging)
             raise
-        factory = _eviction_factory(eviction)
-        self._pol: dict[State, EvictionPolicy] = {p: factory() for p in POOLS}
-        for p, pol in self._pol.items():
-            pol.sized(self.capacity[p])
         # free slot lists per slab: F slab, SM slab (shared by C and S), E slab (shared by C and E)
         slabs = ((State.F, self._f.n), (State.S, self._sm.n), (State.E, self._e.n))
         self._free: dict[State, list[int]] = {p: list(range(n - 1, -1, -1)) for p, n in slabs}

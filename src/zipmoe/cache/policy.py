@@ -44,14 +44,19 @@ class EvictionPolicy(Protocol):
     def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
         """The member to evict next, skipping pinned keys; None if every member is pinned."""
 
+    # Optional (added after the first release): the cache fills in these defaults for a policy that
+    # lacks them (with_defaults), and explicit subclasses inherit them.
     def sized(self, capacity: int) -> None:
         """The pool holds at most `capacity` members (called once by the cache, before any access)."""
+        return None
 
     def seen(self, key: ExpertKey) -> None:
         """`key`, not a member, was accessed (policies that remember non-members count it)."""
+        return None
 
     def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
         """Whether a load of `candidate` (not a member) may evict `victim` to enter a full pool."""
+        return True
 
     def __len__(self) -> int: ...
 
@@ -223,6 +228,8 @@ class LRFU:
         self._latest: dict[ExpertKey, float] = {}  # weight of each key's latest access
         self._members: dict[ExpertKey, None] = {}
         self._t = 0.0  # accesses so far (since the last renormalisation), in half-lives
+        self._version = 0  # bumped by every change: victim() reuses its answer while nothing changed
+        self._memo: tuple[int, ExpertKey] | None = None
 
     def sized(self, capacity: int) -> None:
         if self._half_life is None:
@@ -240,11 +247,13 @@ class LRFU:
         weight = 2.0 ** self._t
         self._score[key] = self._score.get(key, 0.0) + weight
         self._latest[key] = weight
+        self._version += 1
 
     def insert(self, key: ExpertKey) -> None:
         if key not in self._latest:  # not seen() before: this insert is its access
             self._access(key)
         self._members[key] = None
+        self._version += 1
 
     def touch(self, key: ExpertKey) -> None:
         self._access(key)
@@ -258,10 +267,17 @@ class LRFU:
 
     def remove(self, key: ExpertKey) -> None:
         del self._members[key]
+        self._version += 1
 
     def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
+        # One load asks up to four times (admission, room, eviction) with nothing changed in between:
+        # the scan is O(members) in Python, so it runs once. A memo is never a pinned or former member.
+        if self._memo is not None and self._memo[0] == self._version and self._memo[1] not in pinned:
+            return self._memo[1]
         score = self._score
-        return min((k for k in self._members if k not in pinned), key=lambda k: score.get(k, 0.0), default=None)
+        best = min((k for k in self._members if k not in pinned), key=lambda k: score.get(k, 0.0), default=None)
+        self._memo = (self._version, best) if best is not None else None
+        return best
 
     def __len__(self) -> int:
         return len(self._members)
@@ -273,6 +289,30 @@ class LRFU:
 EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "lru": LRU, "lfu": LFU, "fifo": FIFO, "marking": Marking, "lrfu": LRFU,
 }
+
+
+class _WithDefaults:
+    """A policy written before sized/seen/admits existed, with those filled in (members-only behaviour)."""
+
+    def __init__(self, policy: object):
+        self._p = policy
+        self.insert, self.touch, self.remove, self.victim = (
+            policy.insert, policy.touch, policy.remove, policy.victim)  # type: ignore[attr-defined]
+        for name in ("sized", "seen", "admits"):
+            setattr(self, name, getattr(policy, name, getattr(_MembersOnly(), name)))
+
+    def __len__(self) -> int:
+        return len(self._p)  # type: ignore[arg-type]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._p  # type: ignore[operator]
+
+
+def with_defaults(policy: object) -> EvictionPolicy:
+    """`policy` itself when it has the whole protocol, else wrapped so the cache can call every method."""
+    if all(callable(getattr(policy, n, None)) for n in ("sized", "seen", "admits")):
+        return policy  # type: ignore[return-value]
+    return _WithDefaults(policy)  # type: ignore[return-value]
 
 
 def eviction_factory(policy: str | Callable[[], EvictionPolicy]) -> Callable[[], EvictionPolicy]:

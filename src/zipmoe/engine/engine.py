@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +151,7 @@ class Engine:
         self._copied = [torch.cuda.Event() for _ in range(staging_slots)] if self._cuda else []
         self._closed = False
         self.resident = False  # set by load(): the model runs its own kernels on the F pool (no hits counted)
+        self.on_close: list[Callable[[], None]] = []  # run first by close() (load: drop resident weights)
         shorten_switch_interval()  # the loader threads hand results on without waiting 5 ms for the GIL
 
     # ---- ExpertSource ----
@@ -307,16 +308,16 @@ class Engine:
         decode workers), honouring the bandwidth cap. Any I/O thread may call."""
         nbytes = entry.sm.length if plane == "sm" else entry.e_length
         t0 = time.perf_counter()
+        done_at = 0.0
+        if self.read_bytes_per_s:  # the capped channel serves reads one after another at the cap, in the
+            with self._io_lock:     # order the I/O threads took them (the slot is booked before reading)
+                start = max(t0, self._io_free_at)
+                self._io_free_at = done_at = start + nbytes / self.read_bytes_per_s
         if plane == "sm":
             out = self.reader.read_sm_into(entry, buf)
         else:
             out = self.reader.read_e_into(entry, buf, verify=False)
-        delay = 0.0
-        with self._io_lock:
-            if self.read_bytes_per_s:  # the capped channel serves reads one after another at the cap
-                start = max(t0, self._io_free_at)
-                self._io_free_at = start + nbytes / self.read_bytes_per_s
-                delay = self._io_free_at - time.perf_counter()
+        delay = done_at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         with self._io_lock:
@@ -354,9 +355,13 @@ class Engine:
         for key in sorted(self.reader.entries):
             layers.setdefault(key.layer, []).append(key.expert)
         t0, read0 = time.perf_counter(), self.stats.bytes_read
-        for layer, experts in layers.items():
-            for _ in self.experts(layer, experts):
-                pass
+        pools, self.pools = self.pools, None  # a preload is not routing: keep it out of the statistics
+        try:
+            for layer, experts in layers.items():
+                for _ in self.experts(layer, experts):
+                    pass
+        finally:
+            self.pools = pools
         log.info("zipmoe: preloaded %d experts (%.2f GB read) in %.1f s", len(self.reader.entries),
                  (self.stats.bytes_read - read0) / 1e9, time.perf_counter() - t0)
         self.stats = EngineStats()
@@ -386,6 +391,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        for hook in self.on_close:
+            hook()
         restore_switch_interval()
         self.executor.close()
         if self.prefetcher is not None:

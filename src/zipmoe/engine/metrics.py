@@ -26,7 +26,7 @@ class EngineStats:
     sm_bytes_read: int = 0
     e_bytes_read: int = 0
     decode_s: float = 0.0  # summed worker time spent decoding exponent shards (+ fused merge)
-    io_busy_s: float = 0.0  # time the I/O channel was reading
+    io_busy_s: float = 0.0  # time spent in reads, summed over the I/O threads (can exceed wall time)
     stall_s: float = 0.0  # compute thread waiting for weights (I/O-stall + decode-stall)
     layer_s: float = 0.0  # wall time inside MoE expert layers
     layers: int = 0  # MoE layer calls served

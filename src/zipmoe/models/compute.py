@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.integrations import moe as _hf_moe
 from transformers.integrations.moe import ExpertsInterface, _grouped_linear
 
 from zipmoe.errors import UnsupportedModelError
@@ -223,11 +224,10 @@ def _reference_forward(module: nn.Module, reference: str) -> Callable[..., torch
     """transformers' own forward for `reference`: the interface's function, or the class's undecorated
     forward for "eager" (what @use_experts_implementation dispatches to)."""
     original = getattr(type(module).forward, "__wrapped__", None)
-    if reference == "eager":
-        if original is None:
-            raise UnsupportedModelError(f"{type(module).__name__}.forward is not the experts-interface wrapper")
-        return original
-    return ExpertsInterface._global_mapping[reference]
+    if original is None:
+        raise UnsupportedModelError(f"{type(module).__name__}.forward is not the experts-interface wrapper")
+    interface = getattr(_hf_moe, "ALL_EXPERTS_FUNCTIONS", None) or ExpertsInterface()
+    return interface.get_interface(reference, original)  # transformers' own dispatch
 
 
 def serve_resident(model: nn.Module, source: ExpertSource) -> bool:
@@ -241,11 +241,14 @@ def serve_resident(model: nn.Module, source: ExpertSource) -> bool:
     weights = [resident(layer, module.gate_up_proj.shape[0]) for layer, _, module in modules]
     if any(w is None for w in weights):
         return False
-    reference = model._zipmoe_reference
-    for (_, _, module), (gate_up, down) in zip(modules, weights, strict=True):
+    try:
+        forwards = [_reference_forward(module, model._zipmoe_reference) for _, _, module in modules]
+    except UnsupportedModelError:  # only an optimisation: the engine path serves such a model
+        return False
+    for (_, _, module), (gate_up, down), forward in zip(modules, weights, forwards, strict=True):
         module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
         module.down_proj = nn.Parameter(down, requires_grad=False)
-        module._zipmoe_resident = _reference_forward(module, reference)
+        module._zipmoe_resident = forward
     return True
 
 

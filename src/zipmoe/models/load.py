@@ -166,6 +166,9 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
         install(model, engine)
         # everything preloaded in place: the model's own kernels run on the F pool, no per-step engine work
         engine.resident = serve_resident(model, engine)
+        if engine.resident:  # closing the engine (unload, or directly) takes the pool views back
+            model_ref = weakref.ref(model)
+            engine.on_close.append(lambda: (m := model_ref()) is not None and release_resident(m))
         progress.finish()
     except BaseException:
         engine.close()
@@ -209,6 +212,5 @@ def unload(model: torch.nn.Module) -> None:
     engine = getattr(model, "zipmoe_engine", None)
     if engine is None:
         raise ZipMoEError("this model was not loaded by zipmoe.load")
-    release_resident(model)
     engine.close()
 

@@ -168,7 +168,7 @@ class PlanTimings:
     """What one executor run measured; wall-clock s from the start of `Executor.run`."""
 
     wall_s: float  # s from run start until the caller asked past the last expert (or the failure)
-    io_busy_s: float  # s the I/O thread spent inside read_sm / read_e
+    io_busy_s: float  # s spent inside read_sm / read_e, summed over the I/O threads
     decode_busy_s: float  # summed s workers spent inside decode_shard + merge
     stall_s: float  # s the caller (compute stream) waited for the next ready expert
     experts: tuple[ExpertTimes, ...]  # per expert, in the order they were handed over
