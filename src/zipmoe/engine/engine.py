@@ -20,7 +20,6 @@ import torch
 
 from zipmoe.cache import ExpertCache
 from zipmoe.codec.coders.base import ExponentCoder
-from zipmoe.codec.merge import merge_into
 from zipmoe.engine.gil import restore_switch_interval, shorten_switch_interval
 from zipmoe.engine.metrics import EngineStats, log
 from zipmoe.engine.planning import PlannedPools
@@ -33,12 +32,11 @@ from zipmoe.store.format import ExpertEntry
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import ExpertKey, State
 
-# Every state decodes fused: each of the K shard jobs decodes its exponents and merges them with its
-# slice of the SM plane in one pass. For E and MISS the plan then makes the shards wait for the SM
-# read too (scheduler/model.py), which leaves a K-way parallel tail after the last read instead of
-# one worker merging the whole expert (~2.6 ms for a Qwen1.5-MoE expert on the device). The unfused
-# path (decode to an exponent plane, then LayerOps.merge) stays for warmup and the executor's tests.
-_FUSED_STATES = (State.C, State.S, State.E, State.MISS)
+# Every load decodes fused: each of the K shard jobs decodes its exponents and merges them with its
+# slice of the SM plane in one pass (CostModel.task(fused=True): no merge step is planned). For E and
+# MISS the plan makes the shards wait for the SM read too (scheduler/model.py), which leaves a K-way
+# parallel tail after the last read instead of one worker merging the whole expert (~2.6 ms for a
+# Qwen1.5-MoE expert on the device).
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +62,11 @@ class ExpertShapes:
 class _Load:
     """Buffers and progress of one expert being loaded in the current wave (compute-thread owned)."""
 
-    __slots__ = ("e_buf", "entry", "exp", "fused", "keep_e", "keep_sm", "key", "out", "out_u16", "prefetched",
-                 "shards", "slot", "sm", "sm_buf", "state", "unverified")
+    __slots__ = ("e_buf", "entry", "keep_e", "keep_sm", "key", "out", "out_u16", "prefetched", "shards", "slot",
+                 "sm", "sm_buf", "state", "unverified")
 
     def __init__(self, key: ExpertKey, state: State, entry: ExpertEntry):
         self.key, self.state, self.entry = key, state, entry
-        self.fused = state in _FUSED_STATES
         self.slot = -1  # staging slot index within the wave
         self.prefetched: tuple[np.ndarray, np.ndarray] | None = None  # (SM plane, E region) read ahead
         self.sm: np.ndarray | None = None  # SM plane [N] (cache slot or read buffer)
@@ -79,7 +76,6 @@ class _Load:
         self.keep_e: np.ndarray | None = None  # shard by shard on the decode workers (not the compute thread)
         self.sm_buf: np.ndarray | None = None  # where a SM read lands
         self.e_buf: np.ndarray | None = None  # where an E read lands
-        self.exp: np.ndarray | None = None  # decoded exponent plane [N] (unfused path)
         self.out_u16: np.ndarray | None = None  # merged BF16 bits [N] on the host
         self.out: torch.Tensor | None = None  # merged BF16 [N] on the compute device
 
@@ -110,15 +106,10 @@ class LayerOps:
         if load.keep_e is not None:
             at = load.entry.e_shards[shard].offset - load.entry.e_offset
             load.keep_e[at : at + load.shards[shard].size] = load.shards[shard]
-        if load.fused:
-            coder.decode_merge_into(load.shards[shard], load.sm[lo:hi], load.out_u16[lo:hi])
-        else:
-            coder.decode_into(load.shards[shard], load.exp[lo:hi])
+        coder.decode_merge_into(load.shards[shard], load.sm[lo:hi], load.out_u16[lo:hi])
 
     def merge(self, key: ExpertKey) -> None:
-        load = self._loads[key]
-        if not load.fused:
-            merge_into(load.sm, load.exp, load.out_u16)
+        raise AssertionError(f"{key}: a merge step was planned, but every load decodes fused (merge_s = 0)")
 
 
 class Engine:
@@ -141,7 +132,7 @@ class Engine:
         self.read_bytes_per_s = read_bytes_per_s  # optional cap emulating a slower disk
         self._io_free_at = 0.0  # when the capped channel may start its next read
         self._io_lock = threading.Lock()  # the I/O threads' shared counters and cap clock
-        self.staging = cache.staging(staging_slots, exp=True)
+        self.staging = cache.staging(staging_slots, exp=False)  # every load decodes fused: no exponent planes
         self._cuda = device.type == "cuda"
         # CUDA: workers merge into pinned host BF16, the compute thread copies it to the device.
         self._host_out = None
@@ -169,7 +160,7 @@ class Engine:
                 self.stats.hits[state.name] += 1
                 load = _Load(key, state, self.reader.entries[key])
                 if state is not State.F and state is not State.C and key in prefetched:
-                    load.prefetched, load.state, load.fused = prefetched[key], State.C, True
+                    load.prefetched, load.state = prefetched[key], State.C
                 (hits if state is State.F else loads).append(load)
             self._count_prefetch(prefetched, loads)
             if not loads:  # every expert decoded in F (e.g. the budget holds the model): no plan, no threads
@@ -208,7 +199,7 @@ class Engine:
                 slot += 1
         tasks = [
             self.costs.task(ld.key, ld.state, ld.entry.sm.length, ld.entry.e_length, ld.entry.numel,
-                            len(ld.entry.e_shards), fused=ld.fused)
+                            len(ld.entry.e_shards), fused=True)
             for ld in wave
         ]
         plan = schedule(tasks, self.executor.workers)
@@ -231,7 +222,6 @@ class Engine:
         else:
             load.e_buf = t.e if t.e is not None else st.e.views[slot]
         load.slot = slot
-        load.exp = None if load.fused else st.exp.views[slot][: load.entry.numel]
         if self._cuda:
             self._copied[slot].synchronize()  # the previous wave's H2D from this slot is done
             load.out_u16 = self._host_out[slot].numpy().view(np.uint16)
@@ -377,14 +367,10 @@ class Engine:
         st = self.staging
         load.sm = self.reader.read_sm_into(entry, st.sm.views[0])
         load.shards = self.reader.read_e_into(entry, st.e.views[0])
-        load.exp = st.exp.views[0][: entry.numel]
         load.out_u16 = self._host_out[0].numpy().view(np.uint16) if self._cuda else st.full.u16[0]
         ops = LayerOps(self, {entry.key: load})
         for shard in range(len(entry.e_shards)):
             ops.decode_shard(entry.key, shard)
-        ops.merge(entry.key)
-        load.fused = True
-        ops.decode_shard(entry.key, 0)
 
     def close(self) -> None:
         """Join threads and give back every buffer and file; the model cannot run afterwards."""

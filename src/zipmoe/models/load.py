@@ -119,7 +119,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     n_experts = len({e.key.expert for e in entries})
     slots = staging_slots or max(1, min(n_experts, 2 * _top_k(reader.config)))
     per_entry = entry_bytes(numel, e_slot)
-    staging = staging_nbytes(slots, numel, per_entry[State.S], per_entry[State.E], exp=True)
+    staging = staging_nbytes(slots, numel, per_entry[State.S], per_entry[State.E], exp=False)
     staging += slots * 2 * numel if device.type == "cuda" else 0  # pinned host BF16 for the H2D copy
     top_k = _top_k(reader.config)
     prefetch_bytes = Prefetcher.nbytes(top_k, per_entry[State.S], per_entry[State.E]) if prefetch else 0
