@@ -54,10 +54,11 @@ def random_costs(rng) -> CostModel:
                      10 ** rng.uniform(-4, -2.5))
 
 
-def test_closed_form_is_the_schedulers_lower_bound():
+@pytest.mark.parametrize("fused", [False, True])
+def test_closed_form_is_the_schedulers_lower_bound(fused):
     rng = np.random.default_rng(0)
     for _ in range(150):
-        tasks, w = state_tasks(GEOM, random_costs(rng)), int(rng.integers(1, 16))
+        tasks, w = state_tasks(GEOM, random_costs(rng), fused=fused), int(rng.integers(1, 16))
         counts = rng.multinomial(int(rng.integers(0, 10)), [0.2] * 5)
         assert makespan_bound(counts[None], tasks, w)[0] == pytest.approx(lower_bound(layer_of(counts, tasks), w),
                                                                           rel=1e-9, abs=1e-15)
