@@ -5,6 +5,7 @@ experts served from the cache, MB read per decode token, and whether the tokens 
 Counts, not timings: the same on any machine.
 
     python scripts/demo_eviction.py DIR/smollm2-moe.zipmoe [--budgets-mib 300 400 600]
+        [--policies lru lrfu lfu fifo marking] [--lrfu-half-lives 1.2]   (LRFU half-life per pool slot)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 
 import transformers
 
+from zipmoe.cache.policy import LRFU
 from zipmoe.models.load import load, unload
 
 PROMPTS = ["Explain in three sentences why the sky is blue.", "Write a haiku about autumn rain.",
@@ -48,15 +50,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("store")
     ap.add_argument("--budgets-mib", type=int, nargs="+", default=[300, 400, 600])
+    ap.add_argument("--policies", nargs="+", default=["lru", "lrfu", "lfu", "fifo", "marking"])
+    ap.add_argument("--lrfu-half-lives", type=float, nargs="+", default=[LRFU.HALF_LIFE_PER_SLOT])
     a = ap.parse_args()
     tok = transformers.AutoTokenizer.from_pretrained(a.store)
+    default = LRFU.HALF_LIFE_PER_SLOT
     for mib in a.budgets_mib:
         base = None
-        for eviction in ("lru", "lrfu", "lfu", "fifo", "marking"):
-            hit, mb, outs = run(a.store, mib << 20, eviction, tok)
+        runs = [(p, h) for p in a.policies for h in (a.lrfu_half_lives if p == "lrfu" else [None])]
+        for eviction, half_life in runs:
+            LRFU.HALF_LIFE_PER_SLOT = half_life or default
+            try:
+                hit, mb, outs = run(a.store, mib << 20, eviction, tok)
+            finally:
+                LRFU.HALF_LIFE_PER_SLOT = default
             base = outs if base is None else base
-            print(f"budget {mib} MiB  {eviction:8s} cache-served {hit:.3f}  MB read/decode token {mb:6.2f}  "
-                  f"tokens equal LRU's: {outs == base}", flush=True)
+            name = eviction if half_life is None else f"{eviction} H={half_life:g}×slots"
+            print(f"budget {mib} MiB  {name:16s} cache-served {hit:.3f}  MB read/decode token {mb:6.2f}  "
+                  f"tokens equal the first policy's: {outs == base}", flush=True)
 
 
 if __name__ == "__main__":
