@@ -7,6 +7,7 @@ The planner issue replaces KeepAll with a rank-range placement; LRU/LFU/FIFO/Mar
 from __future__ import annotations
 
 import random
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
@@ -44,8 +45,8 @@ class EvictionPolicy(Protocol):
     def victim(self, pinned: Container[ExpertKey]) -> ExpertKey | None:
         """The member to evict next, skipping pinned keys; None if every member is pinned."""
 
-    # Optional (added after the first release): the cache fills in these defaults for a policy that
-    # lacks them (with_defaults), and explicit subclasses inherit them.
+    # Optional (added after the first release): members-only defaults, inherited by subclasses (LRU, LFU,
+    # FIFO, Marking) and filled in by with_defaults for duck-typed policies that lack them.
     def sized(self, capacity: int) -> None:
         """The pool holds at most `capacity` members (called once by the cache, before any access)."""
         return None
@@ -63,20 +64,7 @@ class EvictionPolicy(Protocol):
     def __contains__(self, key: object) -> bool: ...
 
 
-class _MembersOnly:
-    """For policies that know only their members: no sizing, no memory of others, admit every load."""
-
-    def sized(self, capacity: int) -> None:
-        return None
-
-    def seen(self, key: ExpertKey) -> None:
-        return None
-
-    def admits(self, candidate: ExpertKey, victim: ExpertKey) -> bool:
-        return True
-
-
-class LRU(_MembersOnly):
+class LRU(EvictionPolicy):
     """Least recently used first: one OrderedDict, oldest at the front."""
 
     name = "lru"
@@ -113,7 +101,7 @@ class FIFO(LRU):
         return None
 
 
-class LFU(_MembersOnly):
+class LFU(EvictionPolicy):
     """Least frequently used first, least recently used among equal counts; O(1) except when pinned.
 
     Counts start at 1 when a key enters this pool and are forgotten when it leaves (no aging).
@@ -162,7 +150,7 @@ class LFU(_MembersOnly):
         return key in self._count
 
 
-class Marking(_MembersOnly):
+class Marking(EvictionPolicy):
     """The marking algorithm (Fiat et al. 1991), one of the paper's ablation baselines: a member is marked
     when it enters or is accessed; the victim is a random unmarked member; when every unpinned member is
     marked, a new phase unmarks them all. Seeded, so a run repeats. victim() is O(members): pools hold
@@ -299,7 +287,7 @@ class _WithDefaults:
         self.insert, self.touch, self.remove, self.victim = (
             policy.insert, policy.touch, policy.remove, policy.victim)  # type: ignore[attr-defined]
         for name in ("sized", "seen", "admits"):
-            setattr(self, name, getattr(policy, name, getattr(_MembersOnly(), name)))
+            setattr(self, name, getattr(policy, name, None) or types.MethodType(getattr(EvictionPolicy, name), self))
 
     def __len__(self) -> int:
         return len(self._p)  # type: ignore[arg-type]
