@@ -64,6 +64,8 @@ class ExpertCache:
         self._pol: dict[State, EvictionPolicy] = {p: with_defaults(factory()) for p in POOLS}
         for p, pol in self._pol.items():
             pol.sized(self.capacity[p])
+        # policies of pools that can hold something: the only ones an access concerns (hot path)
+        self._live_pols = [pol for p, pol in self._pol.items() if self.capacity[p] > 0]
         self.default_staging = self.staging(staging_slots) if staging_slots else None
         try:
             self._allocate_pools(pools, populate)
@@ -153,7 +155,7 @@ class ExpertCache:
         if en is None:
             en = self._entries[key] = SlotEntry()
         self._pins[key] = self._pins.get(key, 0) + 1
-        for pol in self._pol.values():  # members are touched; the others may remember the access
+        for pol in self._live_pols:  # members are touched; the others may remember the access
             if key in pol:
                 pol.touch(key)
             else:

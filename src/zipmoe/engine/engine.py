@@ -1,10 +1,10 @@
 """The engine: serves one model's routed experts from a store under a memory budget.
 
 Arrow: models/compute (a MoE layer asks for its needed experts) → Engine.experts → cache lookup →
-schedule → executor (I/O thread + W decode workers fill buffers) → weights yielded as each is
+schedule → executor (I/O threads + W decode workers fill buffers) → weights yielded as each is
 ready → cache.commit. Implements models.base.ExpertSource.
 Threads: `experts()` runs on the compute thread (the caller of model.forward); `LayerOps` methods
-run on the executor's I/O thread and decode workers and only write into buffers handed to them.
+run on the executor's I/O threads and decode workers and only write into buffers handed to them.
 N=weights of one expert, K=exponent shards, W=decode workers; sizes in bytes, times in seconds.
 """
 
@@ -163,15 +163,13 @@ class Engine:
                     load.prefetched, load.state = prefetched[key], State.C
                 (hits if state is State.F else loads).append(load)
             self._count_prefetch(prefetched, loads)
-            if not loads:  # every expert decoded in F (e.g. the budget holds the model): no plan, no threads
+            n = self.staging.n
+            waves = [loads[i : i + n] for i in range(0, len(loads), n)]
+            if not waves:  # every expert decoded in F (e.g. the budget holds the model): no plan, no threads
                 for load in hits:
                     yield load.key.expert, *self._views(self.cache.f_view(load.key))
-                self.stats.layer_s += time.perf_counter() - t_layer
-                self.stats.layers += 1
-                return
-            n = self.staging.n
-            waves = [loads[i : i + n] for i in range(0, len(loads), n)] or [[]]
-            waves[0] = hits + waves[0]  # F hits ride in the first plan: computed while its reads run
+            else:
+                waves[0] = hits + waves[0]  # F hits ride in the first plan: computed while its reads run
             for wave in waves:
                 # `with`: an early close of this generator (or an error in the caller's compute) cancels
                 # and drains the run before the lease gives the slots back, so no op writes after it.
@@ -291,7 +289,7 @@ class Engine:
         s = self.shapes
         return flat[: s.split].view(s.gate_up), flat[s.split :].view(s.down)
 
-    # ---- I/O (executor's I/O thread) ----
+    # ---- I/O (executor's I/O threads) ----
 
     def read_plane(self, plane: str, entry: ExpertEntry, buf: np.ndarray):
         """One read of an expert's SM plane (checksummed here) or E region (its shards are checked by the

@@ -103,6 +103,13 @@ class _Run:
             while self.in_flight:
                 self.cond.wait()
 
+    def widen(self, starts: list[float], ends: list[float], e: int, t0: float, t1: float) -> None:
+        """Stretch expert e's recorded stage span to cover an op from t0 to t1 (caller holds the lock)."""
+        if math.isnan(starts[e]) or t0 - self.t0 < starts[e]:
+            starts[e] = t0 - self.t0
+        if math.isnan(ends[e]) or t1 - self.t0 > ends[e]:
+            ends[e] = t1 - self.t0
+
     def claim_read(self) -> IoStep | None:
         """The next read of the io_queue for this I/O thread; None when all are claimed or the run stopped."""
         with self.cond:
@@ -126,10 +133,7 @@ class _Run:
         with self.cond:
             self.in_flight -= 1
             self.io_busy += t1 - t0
-            if math.isnan(self.io_start[e]) or t0 - self.t0 < self.io_start[e]:
-                self.io_start[e] = t0 - self.t0
-            if math.isnan(self.io_end[e]) or t1 - self.t0 > self.io_end[e]:
-                self.io_end[e] = t1 - self.t0
+            self.widen(self.io_start, self.io_end, e, t0, t1)
             if step.plane == Plane.E:
                 self.e_in[e] = True
             else:
@@ -159,10 +163,7 @@ class _Run:
         with self.cond:
             self.in_flight -= 1
             self.decode_busy += t1 - t0
-            if math.isnan(self.dec_start[e]) or t0 - self.t0 < self.dec_start[e]:
-                self.dec_start[e] = t0 - self.t0
-            if math.isnan(self.dec_end[e]) or t1 - self.t0 > self.dec_end[e]:
-                self.dec_end[e] = t1 - self.t0
+            self.widen(self.dec_start, self.dec_end, e, t0, t1)
             if step.shard == MERGE:
                 self.mark_ready(e, t1)
             else:
