@@ -8,6 +8,7 @@ runs on the thread that owns the model. Times in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -214,7 +215,10 @@ class Generation:
         model = self.handle.model
         new = self.prompt_ids if self._cache is None else self.ids[-1:]
         ids = torch.tensor([new], dtype=torch.long, device=model.device)
-        with torch.inference_mode():
+        # decode steps run as in model.generate(), which may switch kernels for them (GPU grouped_mm →
+        # batched_mm, models/compute.py), so the text equals plain transformers' bit for bit
+        decode_mode = getattr(model, "_optimize_model_for_decode", None) if self._cache is not None else None
+        with torch.inference_mode(), (decode_mode() if decode_mode is not None else contextlib.nullcontext()):
             out = model(input_ids=ids, cache=self._cache, use_cache=True, logits_to_keep=1)
         self._cache = out.cache
         return out.logits[0, -1].float()

@@ -65,9 +65,14 @@ def test_logits_and_tokens_equal_transformers(converted, reference, device):
                     warm = model(input_ids=ids, attention_mask=mask).logits
                 assert torch.equal(cold, want), f"{name} budget, batch {batch}: cold logits differ"
                 assert torch.equal(warm, want), f"{name} budget, batch {batch}: warm logits differ"
-                gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+                # generate() decodes grouped_mm with batched_mm on a GPU: the engine must follow it
+                gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                           return_dict_in_generate=True)
                 out = model.generate(input_ids=ids, attention_mask=mask, **gen)
-                assert torch.equal(out, ref.generate(input_ids=ids, attention_mask=mask, **gen))
+                ref_out = ref.generate(input_ids=ids, attention_mask=mask, **gen)
+                assert torch.equal(out.sequences, ref_out.sequences)
+                assert all(torch.equal(a, b) for a, b in zip(out.logits, ref_out.logits, strict=True)), (
+                    f"{name} budget, batch {batch}: generate()'s step logits differ")
             stats = model.zipmoe_engine.stats.snapshot()
             # "all": every expert preloaded into F and run by the model's own kernels on the pool's memory
             assert model.zipmoe_engine.resident == (name == "all")

@@ -170,9 +170,45 @@ def test_prefetch_never_serves_planes_of_an_older_fill(store):
             pf.hint(2, [b])
             pf.hint(0, [c])  # refills set X
             pf.disk_free()
-            got = pf.collect(1)
-            pf.collect(0)
+            got = pf.collect(1, [a])
+            pf.collect(0, [c])
             assert a not in got, "served planes read into a slot set that was refilled since"
+        finally:
+            pf.close()
+
+
+def test_a_layer_waits_for_a_prefetch_read_in_flight_only_if_it_needs_that_expert(store):
+    """A wrong guess must not delay the layer (collect returns at once and never serves it later); a
+    right one in flight is awaited and served."""
+    import time
+
+    from zipmoe.engine.prefetch import Prefetcher
+
+    with StoreReader(store) as reader:
+        a, other = ExpertKey(1, 5), ExpertKey(1, 6)
+        read = reader.read_sm_into
+
+        def slow(entry, buf):
+            time.sleep(0.4)
+            return read(entry, buf)
+
+        reader.read_sm_into = slow
+        pf = Prefetcher(reader, 2, 1 << 20, 1 << 20, pinned=False)
+        try:
+            pf.hint(1, [a])
+            pf.disk_free()
+            time.sleep(0.1)  # a's read is in flight
+            t0 = time.perf_counter()
+            assert pf.collect(1, [other]) == {}
+            assert time.perf_counter() - t0 < 0.2, "a layer waited for a read it does not need"
+            time.sleep(0.5)  # the read has finished by now: its planes are dropped, not kept for later
+            assert pf.collect(1, [a]) == {} and pf.counters.read == 0
+            pf.hint(1, [a])
+            pf.disk_free()
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            got = pf.collect(1, [a])
+            assert time.perf_counter() - t0 > 0.2 and set(got) == {a}  # awaited, and served
         finally:
             pf.close()
 

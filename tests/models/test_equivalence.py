@@ -1,8 +1,9 @@
 """Bit-exactness of the zipmoe experts path against plain transformers, one row per model_type.
 
-Reference: from_pretrained with experts_implementation "eager" and with the default (grouped_mm on
-CPU). Candidate: build_model_without_experts(dense weights only) + install(InMemoryExpertSource),
-whose source yields copies of the experts in a shuffled order.
+Reference: from_pretrained with experts_implementation "eager", "batched_mm" and the default
+(grouped_mm; generate() decodes it with batched_mm on a GPU). Candidate: build_model_without_experts
+(dense weights only) + install(InMemoryExpertSource), whose source yields copies of the experts in a
+shuffled order.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from zipmoe.models.compute import _one_group_linear, install
 from zipmoe.models.sources import InMemoryExpertSource
 
 MODEL_TYPES = sorted(TINY_CONFIGS)
-REFERENCES = ["eager", None]  # None: whatever from_pretrained picks by default
+REFERENCES = ["eager", "batched_mm", None]  # None: whatever from_pretrained picks by default (grouped_mm)
 _NO_CUDA = not torch.cuda.is_available()
 _GPU = [pytest.mark.gpu, pytest.mark.skipif(_NO_CUDA, reason="no CUDA")]
 DEVICES = ["cpu", pytest.param("cuda", marks=_GPU)]
@@ -64,7 +65,7 @@ def _pair(path, reference, device="cpu"):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reference", REFERENCES, ids=["eager", "default"])
+@pytest.mark.parametrize("reference", REFERENCES, ids=["eager", "batched_mm", "default"])
 def test_logits_and_greedy_tokens_equal(checkpoint, reference, device):
     ref, model, source = _pair(checkpoint, reference, device)
     assert model.config._experts_implementation == "zipmoe"
@@ -77,8 +78,11 @@ def test_logits_and_greedy_tokens_equal(checkpoint, reference, device):
             got = model(input_ids=ids, attention_mask=mask).logits
             assert torch.equal(got, want), f"batch {batch}: max diff {(got - want).abs().max()}"
         ids, mask = (t.to(device) for t in _inputs(4, seed=1))
-        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+        got, want = model.generate(ids, **kw), ref.generate(ids, **kw)  # on a GPU, decode steps switch kernels
+        assert torch.equal(got.sequences, want.sequences)
+        assert all(torch.equal(g, w) for g, w in zip(got.logits, want.logits, strict=True))
     assert source.calls and all(list(needed) == sorted(set(needed)) for _, needed in source.calls)
 
 

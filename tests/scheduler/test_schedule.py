@@ -248,3 +248,18 @@ def test_near_identical_layers_reuse_the_search_with_exact_times() -> None:
     assert plan.makespan_s == pytest.approx(simulate(plan, near, 2), rel=0, abs=0)  # exact, not the template's
     assert plan.lower_bound_s == lower_bound(near, 2)
     assert plan.makespan_s >= plan.lower_bound_s
+
+
+def test_near_match_without_exact_times_keeps_the_queues_and_approximates_the_times() -> None:
+    base = [ExpertTask(k(e), s, 0.5 * (s == State.E), 0.2 * (s == State.S), 1, 0.1, 0.3, 2)
+            for e, s in enumerate([State.E, State.S, State.C, State.S])]
+    near = [ExpertTask(ExpertKey(2, e), t.state, t.read_sm_s, t.read_e_s * (1 + 1e-4 * e), t.decode_s, t.merge_s,
+                       t.compute_s, t.k) for e, t in enumerate(base)]
+    template = schedule(base, 2)
+    fast, exact = schedule(near, 2, exact_times=False), schedule(near, 2)
+    relabel = {t.key: n.key for t, n in zip(base, near, strict=True)}
+    assert fast.io_queue == exact.io_queue and fast.decode_queue == exact.decode_queue
+    assert fast.tasks == tuple(near) and all(relabel.get(e.key, e.key) in relabel.values() for e in fast.predicted)
+    assert [e.io_end for e in fast.predicted] == [e.io_end for e in template.predicted]  # not re-simulated ...
+    assert [e.io_end for e in fast.predicted] != [e.io_end for e in exact.predicted]
+    assert fast.makespan_s == pytest.approx(exact.makespan_s, rel=1e-3)  # ... but within the rounding

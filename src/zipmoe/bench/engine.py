@@ -116,6 +116,38 @@ def oracle_hints(model, routing: LookaheadRouting, accuracy: float, seed: int) -
         module.register_forward_hook(hook)
 
 
+def trace_summary(trace: list, layers_per_step: int) -> dict:
+    """Where a batch-1 run's decode-step time went, from Engine.trace (prefill's layer calls skipped):
+    medians per MoE layer call in ms. `before_first_read`: from the layer asking for its experts to its
+    first read (lookup, planning, thread hand-off); `read_union`: time some read of the layer was in
+    flight; `after_last_read`: last read done → layer done (decode tail, H2D copy, compute of the last
+    experts); `between_layers`: the previous layer done → this one asking (attention, router, shared
+    expert, Python; the first layer of a step also carries lm_head and generate()'s own work)."""
+    calls = trace[layers_per_step:]
+    rows = []
+    for prev, cur in zip(trace[layers_per_step - 1 :], calls, strict=False):
+        spans = sorted((r.started_at + x.io_start, r.started_at + x.io_end) for r in cur.runs for x in r.experts
+                       if not np.isnan(x.io_start))
+        union, end = 0.0, -np.inf
+        for a, b in spans:
+            union += max(0.0, b - max(a, end))
+            end = max(end, b)
+        row = {"layer_ms": cur.left - cur.entered, "between_layers_ms": cur.entered - prev.left,
+               "reads": sum(1 for r in cur.runs for x in r.experts if not np.isnan(x.io_start)),
+               "read_union_ms": union}
+        if spans:
+            row["before_first_read_ms"] = spans[0][0] - cur.entered
+            row["after_last_read_ms"] = cur.left - max(b for _, b in spans)
+        rows.append(row)
+    out = {"layer_calls": len(rows)}
+    for k in ("layer_ms", "between_layers_ms", "read_union_ms", "before_first_read_ms", "after_last_read_ms",
+              "reads"):
+        vals = [r[k] * (1e3 if k.endswith("_ms") else 1) for r in rows if k in r]
+        out[k] = statistics.median(vals) if vals else None
+        out[f"{k}_sum_per_step"] = sum(vals) * layers_per_step / len(rows) if rows else None
+    return out
+
+
 def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
     stats = getattr(model, "zipmoe_engine", None)
     stats = stats.stats if stats is not None else EngineStats()
@@ -201,6 +233,9 @@ def run(args) -> dict:
             measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up: CUDA, kernels
             for batch, new in batches:
                 profiler = cProfile.Profile() if args.profile and batch == 1 else None
+                engine = getattr(model, "zipmoe_engine", None)
+                if engine is not None and args.trace and batch == 1:
+                    engine.trace = []
                 if profiler:
                     profiler.enable()
                 m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
@@ -210,6 +245,9 @@ def run(args) -> dict:
                     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
                     Path(args.profile).mkdir(parents=True, exist_ok=True)
                     (Path(args.profile) / f"profile-{name}-{frac}.txt").write_text(out.getvalue())
+                if engine is not None and engine.trace is not None:
+                    m["trace"] = trace_summary(engine.trace, cfg["num_hidden_layers"])
+                    engine.trace = None
                 pools, prefetcher = model.zipmoe_engine.pools, model.zipmoe_engine.prefetcher
                 if prefetcher is not None:
                     m["prefetch"] = {**prefetcher.counters.snapshot(), "hints": "sampler oracle",
@@ -260,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--skip-reference", action="store_true", help="do not run plain transformers (CUDA) at the end")
+    p.add_argument("--trace", action="store_true", help="record where batch-1 decode time goes (per-layer medians)")
     p.add_argument("--profile", default=None, help="directory for cProfile reports of the batch-1 runs")
     args = p.parse_args(argv)
     result = run(args)

@@ -27,7 +27,7 @@ from zipmoe.engine.prefetch import Prefetcher
 from zipmoe.errors import UnsupportedModelError
 from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.schedule import schedule
-from zipmoe.scheduler.tasks import CostModel
+from zipmoe.scheduler.tasks import CostModel, PlanTimings
 from zipmoe.store.format import ExpertEntry
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import ExpertKey, State
@@ -57,6 +57,17 @@ class ExpertShapes:
             raise UnsupportedModelError(f"{entry.key}: projection shapes gate {gate} up {up} down {down} are not a "
                                         "gated MLP (gate == up, down == up transposed); zipmoe cannot serve them")
         return cls(gate_up=(2 * gate[0], gate[1]), down=(down[0], down[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTrace:
+    """One MoE layer call as the engine saw it (Engine.trace): where its time went."""
+
+    layer: int
+    entered: float  # time.perf_counter() when the layer asked for its experts
+    left: float  # ... when the last expert had been computed (the generator finished)
+    f_hits: int  # experts served from F without loading
+    runs: tuple[PlanTimings, ...]  # one executor run per wave, in order
 
 
 class _Load:
@@ -143,6 +154,7 @@ class Engine:
         self._closed = False
         self.resident = False  # set by load(): the model runs its own kernels on the F pool (no hits counted)
         self.on_close: list[Callable[[], None]] = []  # run first by close() (load: drop resident weights)
+        self.trace: list[LayerTrace] | None = None  # set to a list to record every layer (benchmarks)
         shorten_switch_interval()  # the loader threads hand results on without waiting 5 ms for the GIL
 
     # ---- ExpertSource ----
@@ -153,7 +165,7 @@ class Engine:
         keys = [ExpertKey(layer, e) for e in needed]
         if self.pools is not None:
             self.pools.observe(layer, needed)
-        prefetched = self._collect(layer)
+        prefetched = self._collect(layer, keys)
         with self.cache.acquire(keys) as lease:
             hits, loads = [], []
             for key, state in zip(keys, lease.states, strict=True):
@@ -170,6 +182,7 @@ class Engine:
                     yield load.key.expert, *self._views(self.cache.f_view(load.key))
             else:
                 waves[0] = hits + waves[0]  # F hits ride in the first plan: computed while its reads run
+            runs = []
             for wave in waves:
                 # `with`: an early close of this generator (or an error in the caller's compute) cancels
                 # and drains the run before the lease gives the slots back, so no op writes after it.
@@ -181,8 +194,12 @@ class Engine:
                         yield key.expert, *self._views(load.out)
                 self.stats.decode_s += run.timings.decode_busy_s
                 self.stats.stall_s += run.timings.stall_s
-        self.stats.layer_s += time.perf_counter() - t_layer
+                runs.append(run.timings)
+        t_end = time.perf_counter()
+        self.stats.layer_s += t_end - t_layer
         self.stats.layers += 1
+        if self.trace is not None:
+            self.trace.append(LayerTrace(layer, t_layer, t_end, len(hits), tuple(runs)))
 
     # ---- one wave: claim slots, plan, run ----
 
@@ -200,7 +217,7 @@ class Engine:
                             len(ld.entry.e_shards), fused=True)
             for ld in wave
         ]
-        plan = schedule(tasks, self.executor.workers)
+        plan = schedule(tasks, self.executor.workers, exact_times=False)
         return self.executor.run(plan, LayerOps(self, {ld.key: ld for ld in wave}))
 
     def _bind(self, load: _Load, slot: int) -> None:
@@ -241,11 +258,11 @@ class Engine:
         load.keep_sm = t.sm
         load.keep_e = t.e
 
-    def _collect(self, layer: int) -> dict:
+    def _collect(self, layer: int, keys: list[ExpertKey]) -> dict:
         if self.prefetcher is None:
             return {}
         self.prefetcher.layer_started()
-        got = self.prefetcher.collect(layer)
+        got = self.prefetcher.collect(layer, keys)
         counters = self.prefetcher.counters
         self.stats.prefetch_bytes_read = counters.bytes_read
         return got

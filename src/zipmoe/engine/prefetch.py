@@ -6,7 +6,8 @@ and E region (checksummed) into its own slots → the engine collects them at th
 decodes them like C-state experts. Predictions never change outputs: a prefetched plane is the same
 verified bytes a normal read would bring. Threads: one "zipmoe-prefetch" thread reads; the compute
 thread hints, collects and marks the layer's own reads done. A misprediction costs at most the one
-read in flight when the next layer starts; queued reads are dropped.
+read in flight when the next layer starts, and the layer waits for that read only if it needs the
+expert; queued reads are dropped.
 Slots come in two sets used by alternate hints, so a set being decoded by layer l+1 is never
 overwritten by the reads for layer l+2. Sizes in bytes.
 """
@@ -14,7 +15,7 @@ overwritten by the reads for layer l+2. Sizes in bytes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,8 @@ class Prefetcher:
         self._jobs: list[tuple[int, ExpertEntry, int]] = []  # (layer, entry, slot) not yet started
         self._done: dict[ExpertKey, tuple[np.ndarray, list[np.ndarray], int]] = {}  # read, not collected
         self._busy = False  # a read is in flight
+        self._inflight: ExpertKey | None = None  # the expert being read
+        self._drop_inflight = False  # its layer started without needing it: discard the result
         self._disk_free = True  # the current layer's own reads are done
         self._set = 0
         self._fill = [0, 0]  # per set, bumped when a hint refills it: a read from an older fill is dropped
@@ -89,11 +92,15 @@ class Prefetcher:
             self._disk_free = True
             self._cv.notify()
 
-    def collect(self, layer: int) -> dict[ExpertKey, tuple[np.ndarray, list[np.ndarray]]]:
-        """(SM plane, E region) prefetched for `layer`; its queued reads are dropped, one in flight awaited."""
+    def collect(self, layer: int, needed: Container[ExpertKey]) -> dict[ExpertKey, tuple[np.ndarray, list[np.ndarray]]]:
+        """(SM plane, E region) prefetched for `layer`; its queued reads are dropped; a read in flight is
+        awaited if `needed` has its expert (it is further along than a new read), else left to finish
+        and discarded, so a wrong guess never delays the layer."""
         with self._cv:
             self._jobs = [j for j in self._jobs if j[0] != layer]
-            while self._busy:
+            if self._busy and self._inflight not in needed:
+                self._drop_inflight = True
+            while self._busy and not self._drop_inflight:
                 self._cv.wait()
             got = {k: v[:2] for k, v in self._done.items() if k.layer == layer}
             self._done = {k: v for k, v in self._done.items() if k.layer != layer}
@@ -118,7 +125,7 @@ class Prefetcher:
                     return
                 _layer, entry, slot = self._jobs.pop(0)
                 fill = self._fill[slot // self.slots]
-                self._busy = True
+                self._busy, self._inflight, self._drop_inflight = True, entry.key, False
             try:
                 sm = self.reader.read_sm_into(entry, self._sm.views[slot])
                 self.reader.read_e_into(entry, self._e.views[slot])
@@ -126,8 +133,8 @@ class Prefetcher:
             except Exception:  # a bad chunk is reported by the normal read path when it is needed
                 sm = None
             with self._cv:
-                self._busy = False
-                if sm is not None and fill == self._fill[slot // self.slots]:
+                self._busy, self._inflight = False, None
+                if sm is not None and fill == self._fill[slot // self.slots] and not self._drop_inflight:
                     self._done[entry.key] = (sm, region, slot)
                     self.counters.read += 1
                     self.counters.bytes_read += entry.sm.length + entry.e_length

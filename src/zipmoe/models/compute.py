@@ -12,21 +12,23 @@ T=tokens K=top-k S=T*K routed slots H=hidden I=expert intermediate E=experts.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.integrations import moe as _hf_moe
-from transformers.integrations.moe import ExpertsInterface, _grouped_linear
+from transformers.integrations.moe import ExpertsInterface, _batched_linear, _grouped_linear
 
 from zipmoe.errors import UnsupportedModelError
 from zipmoe.models.base import ExpertSource
 
 IMPLEMENTATION = "zipmoe"  # the name registered in transformers' ExpertsInterface
-REFERENCES = ("eager", "grouped_mm")  # reference implementations we are bit-exact to
+REFERENCES = ("eager", "grouped_mm", "batched_mm")  # reference implementations we are bit-exact to
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -91,6 +93,38 @@ def grouped_mm_like_forward(
     return final_hidden_states.to(hidden_states.dtype)
 
 
+def batched_mm_like_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' batched_mm_experts_forward (what generate() decodes with on a GPU) on the same
+    [S, out, in] weight stacks: each served expert is copied into the slots routed to it as it arrives,
+    then the reference's two bmm calls run on tensors of exactly its shapes. The stacks hold S experts
+    for the call's duration, as the reference's own gather does."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
+    selected_hidden_states = hidden_states.repeat_interleave(num_top_k, dim=0)
+    sample_weights = top_k_weights.reshape(-1)  # (S,)
+    slots: dict[int, list[int]] = {}
+    for s, expert in enumerate(top_k_index.reshape(-1).tolist()):  # one device→host sync
+        slots.setdefault(expert, []).append(s)
+    needed = sorted(slots)
+    n = len(sample_weights)
+    gate_up_w = hidden_states.new_empty(n, *self.gate_up_proj.shape[1:])
+    down_w = hidden_states.new_empty(n, *self.down_proj.shape[1:])
+    served: dict[int, bool] = {}
+    for expert, gate_up, down in _experts_of(self, needed):
+        for s in slots[expert]:
+            gate_up_w[s].copy_(gate_up)
+            down_w[s].copy_(down)
+        served[expert] = True
+    _check_served(needed, served)
+    proj_out = self._apply_gate(_batched_linear(selected_hidden_states, gate_up_w, bias=None, is_transposed=False))
+    proj_out = _batched_linear(proj_out, down_w, bias=None, is_transposed=False)
+    weighted_out = proj_out * sample_weights.unsqueeze(-1)  # (S, H)
+    final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    return final_hidden_states.to(hidden_states.dtype)
+
+
 def _one_group_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The reference's grouped_mm kernel on one group: weight [out, in] viewed as [1, out, in]."""
     offs = torch.full((1,), x.size(0), dtype=torch.int32, device=x.device)  # a fill kernel: no host sync
@@ -117,6 +151,7 @@ def _check_served(needed: list[int], served: dict) -> None:
 _FORWARDS: dict[str, Callable[..., torch.Tensor]] = {
     "eager": eager_like_forward,
     "grouped_mm": grouped_mm_like_forward,
+    "batched_mm": batched_mm_like_forward,
 }
 
 
@@ -148,12 +183,15 @@ def _hint_next_layer(self: nn.Module, hidden_states: torch.Tensor) -> None:
 def zipmoe_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The registered "zipmoe" implementation: dispatch to the reference picked at install time, or run
-    the reference itself when the module's weights are resident (serve_resident)."""
+    """The registered "zipmoe" implementation: dispatch to the reference picked at install time (or the
+    one generate() decodes with, see _follow_decode_switch), or run the reference itself when the
+    module's weights are resident (serve_resident)."""
+    decoding = getattr(_DECODING, "on", False)
     if self._zipmoe_resident is not None:
-        return self._zipmoe_resident(self, hidden_states, top_k_index, top_k_weights)
+        forward = self._zipmoe_resident[decoding]
+        return forward(self, hidden_states, top_k_index, top_k_weights)
     _hint_next_layer(self, hidden_states)
-    return self._zipmoe_forward(self, hidden_states, top_k_index, top_k_weights)
+    return self._zipmoe_forward[decoding](self, hidden_states, top_k_index, top_k_weights)
 
 
 ExpertsInterface.register(IMPLEMENTATION, zipmoe_experts_forward)
@@ -241,8 +279,10 @@ def serve_resident(model: nn.Module, source: ExpertSource) -> bool:
     weights = [resident(layer, module.gate_up_proj.shape[0]) for layer, _, module in modules]
     if any(w is None for w in weights):
         return False
+    reference = model._zipmoe_reference
     try:
-        forwards = [_reference_forward(module, model._zipmoe_reference) for _, _, module in modules]
+        forwards = [(_reference_forward(module, reference), _reference_forward(module, _decode_reference(reference)))
+                    for _, _, module in modules]
     except UnsupportedModelError:  # only an optimisation: the engine path serves such a model
         return False
     for (_, _, module), (gate_up, down), forward in zip(modules, weights, forwards, strict=True):
@@ -263,11 +303,49 @@ def release_resident(model: nn.Module) -> None:
             module._zipmoe_resident = None
 
 
+_DECODING = threading.local()  # .on: this thread is inside generate()'s decode phase on a GPU
+
+
+def _follow_decode_switch(model: nn.Module) -> None:
+    """generate() decodes a "grouped_mm" model on a GPU with "batched_mm" (transformers'
+    GenerationMixin._optimize_model_for_decode: faster for few tokens). It cannot see that our
+    "zipmoe" model has grouped_mm as its reference, so this wrapper applies the same rule to it: the
+    same kernels, hence the same bits, as plain generate(). The flag is per thread, because the
+    server runs one request's prefill next to another's decode on one model (serve/shared_step.py).
+    Versions without the switch keep one reference throughout."""
+    original = getattr(type(model), "_optimize_model_for_decode", None)
+    if original is None:
+        return
+
+    @contextlib.contextmanager
+    def optimize_model_for_decode(*args, **kwargs):
+        with original(model, *args, **kwargs):
+            before = getattr(_DECODING, "on", False)
+            _DECODING.on = _switches_for_decode(model)
+            try:
+                yield
+            finally:
+                _DECODING.on = before
+
+    model._optimize_model_for_decode = optimize_model_for_decode
+
+
+def _switches_for_decode(model: nn.Module) -> bool:
+    """transformers' condition for the switch (a model on a non-CPU device)."""
+    return model.device.type != "cpu"
+
+
+def _decode_reference(reference: str) -> str:
+    """The implementation generate() decodes with on a GPU, for a model whose reference is `reference`."""
+    return "batched_mm" if reference == "grouped_mm" else reference
+
+
 def install(model: nn.Module, source: ExpertSource, reference: str | None = None) -> list[int]:
     """Serve every fused experts module of `model` from `source`; returns the MoE layer indices.
 
-    reference: "eager" or "grouped_mm" — the transformers implementation the results are bit-exact
-    to (default: the model's current one, i.e. what plain from_pretrained picked). The experts'
+    reference: "eager", "grouped_mm" or "batched_mm" — the transformers implementation the results are
+    bit-exact to (default: the model's current one, i.e. what plain from_pretrained picked); generate()
+    switches grouped_mm to batched_mm for decoding on a GPU, as it does for plain transformers. The experts'
     weight Parameters are replaced by meta placeholders of the same shape (they hold no memory), so
     move the model to its device before install, never after.
     """
@@ -297,8 +375,10 @@ def install(model: nn.Module, source: ExpertSource, reference: str | None = None
         module.intermediate_dim = module.gate_up_proj.shape[1] // 2
         module._zipmoe_source = source
         module._zipmoe_layer = layer
-        module._zipmoe_forward = _FORWARDS[reference]
-        module._zipmoe_resident = None  # serve_resident: the reference implementation itself
+        # (prefill, decode): generate()'s decode phase on a GPU may use another implementation
+        module._zipmoe_forward = (_FORWARDS[reference], _FORWARDS[_decode_reference(reference)])
+        module._zipmoe_resident = None  # serve_resident: the reference implementation itself, as a pair
     model._zipmoe_reference = reference
     model.set_experts_implementation(IMPLEMENTATION)
+    _follow_decode_switch(model)
     return sorted(layer for layer, _, _ in modules)

@@ -76,7 +76,7 @@ def load(
     frequency with an admission filter, cache/policy.py), "lru", "lfu", "fifo" or "marking".
     memory_budget: everything the engine holds (dense weights, expert pools, staging), bytes or a
     string like "6GiB"; None = enough to keep every expert decoded. experts_implementation: the
-    transformers implementation results are bit-exact to ("eager" or "grouped_mm"; None = what
+    transformers implementation results are bit-exact to ("eager", "grouped_mm" or "batched_mm"; None = what
     from_pretrained picks). read_bytes_per_s caps disk reads to emulate a slower SSD (benchmarks
     must say when they use it). capacities: entries per pool (F/C/S/E) instead of the default split,
     e.g. {State.F: n} for a plain uncompressed LRU cache. planning: when the budget cannot hold every

@@ -344,4 +344,4 @@ def _timings(run: _Run, delivered: list[int], stall: float) -> PlanTimings:
     experts = tuple(
         ExpertTimes(run.plan.tasks[e].key, run.io_start[e], run.io_end[e], run.dec_start[e], run.dec_end[e],
                     run.ready[e], run.delivered[e], math.nan) for e in delivered)
-    return PlanTimings(time.perf_counter() - run.t0, run.io_busy, run.decode_busy, stall, experts)
+    return PlanTimings(time.perf_counter() - run.t0, run.io_busy, run.decode_busy, stall, experts, run.t0)

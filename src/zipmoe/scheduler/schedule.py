@@ -168,12 +168,14 @@ def _rounded(x: float) -> float:
     return float(f"{x:.3g}")  # 3 significant digits: compressed sizes vary a little from expert to expert
 
 
-def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 64) -> Plan:
+def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 64, exact_times: bool = True) -> Plan:
     """The plan for one layer: the best simulated candidate of the cache-affinity heuristics, then at
     most `effort` local-search simulations (0: candidates only). Stops early at a provably optimal
     plan (makespan == lower bound). The decisions are memoised by the tasks' times to 3 significant
     digits, so a layer whose experts share shapes pays the search once per combination of states;
-    a near match is re-simulated with the exact times (predicted times are always exact)."""
+    a near match is re-simulated with the exact times, unless exact_times=False: then its predicted
+    times are the memoised plan's (within the rounding). The engine passes False: it only obeys the
+    queues, and compressed experts differ in size, so re-simulating cost ~0.5 ms per layer call."""
     if workers < 1:
         raise ZipMoEError(f"workers must be >= 1, got {workers}")
     if len({t.key for t in tasks}) != len(tasks):
@@ -191,7 +193,7 @@ def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 64) -> Pla
             _MEMO.clear()
         _MEMO[memo_key] = hit
     plan = _relabel(hit[0], tasks, [tasks[e].key for e in perm])
-    return plan if hit[1] == exact else _resimulate(plan)
+    return plan if hit[1] == exact or not exact_times else _resimulate(plan)
 
 
 def _resimulate(plan: Plan) -> Plan:

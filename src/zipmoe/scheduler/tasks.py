@@ -172,6 +172,7 @@ class PlanTimings:
     decode_busy_s: float  # summed s workers spent inside decode_shard + merge
     stall_s: float  # s the caller (compute stream) waited for the next ready expert
     experts: tuple[ExpertTimes, ...]  # per expert, in the order they were handed over
+    started_at: float = math.nan  # time.perf_counter() when the run started (relates runs to each other)
 
     @property
     def stall_share(self) -> float:
