@@ -226,3 +226,35 @@ def nonfinite_paths(obj: Any, path: str = "") -> list[str]:
     if isinstance(obj, list | tuple):
         return [p for i, v in enumerate(obj) for p in nonfinite_paths(v, f"{path}[{i}]")]
     return []
+
+
+def trace_summary(trace: list, layers_per_step: int) -> dict:
+    """Where a batch-1 run's decode-step time went, from Engine.trace (prefill's layer calls skipped):
+    medians per MoE layer call in ms. `before_first_read`: from the layer asking for its experts to its
+    first read (lookup, planning, thread hand-off); `read_union`: time some read of the layer was in
+    flight; `after_last_read`: last read done → layer done (decode tail, H2D copy, compute of the last
+    experts); `between_layers`: the previous layer done → this one asking (attention, router, shared
+    expert, Python; the first layer of a step also carries lm_head and generate()'s own work)."""
+    calls = trace[layers_per_step:]
+    rows = []
+    for prev, cur in zip(trace[layers_per_step - 1 :], calls, strict=False):
+        spans = sorted((r.started_at + x.io_start, r.started_at + x.io_end) for r in cur.runs for x in r.experts
+                       if not np.isnan(x.io_start))
+        union, end = 0.0, -np.inf
+        for a, b in spans:
+            union += max(0.0, b - max(a, end))
+            end = max(end, b)
+        row = {"layer_ms": cur.left - cur.entered, "between_layers_ms": cur.entered - prev.left,
+               "reads": sum(1 for r in cur.runs for x in r.experts if not np.isnan(x.io_start)),
+               "read_union_ms": union}
+        if spans:
+            row["before_first_read_ms"] = spans[0][0] - cur.entered
+            row["after_last_read_ms"] = cur.left - max(b for _, b in spans)
+        rows.append(row)
+    out = {"layer_calls": len(rows)}
+    for k in ("layer_ms", "between_layers_ms", "read_union_ms", "before_first_read_ms", "after_last_read_ms",
+              "reads"):
+        vals = [r[k] * (1e3 if k.endswith("_ms") else 1) for r in rows if k in r]
+        out[k] = float(np.median(vals)) if vals else None
+        out[f"{k}_sum_per_step"] = sum(vals) * layers_per_step / len(rows) if rows else None
+    return out

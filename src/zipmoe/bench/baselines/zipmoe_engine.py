@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from zipmoe.bench.baselines.base import Budget, HFSystem, Setup
-from zipmoe.bench.metrics import os_read_bytes
+from zipmoe.bench.metrics import os_read_bytes, trace_summary
 from zipmoe.cache import entry_bytes
 from zipmoe.cache.staging import staging_nbytes
 from zipmoe.models.load import _top_k, load, unload
@@ -63,6 +63,18 @@ class ZipMoESystem(HFSystem):
         self.info = {"store": setup.stores[self.coder], "direct_io": bool(engine.reader.direct),
                      "pools": {s.name: n for s, n in getattr(engine.cache, "capacity", {}).items()}}
         return model
+
+    def run(self, prompts: list, new_tokens: int, deadline: float | None = None) -> dict[str, Any]:
+        """The base run, plus where its batch-1 decode steps went (Engine.trace, bench/metrics.py)."""
+        engine = self.model.zipmoe_engine
+        engine.trace = [] if len(prompts) == 1 else None
+        try:
+            rec = super().run(prompts, new_tokens, deadline)
+            if engine.trace:
+                rec["trace"] = trace_summary(engine.trace, len({k.layer for k in engine.reader.entries}))
+        finally:
+            engine.trace = None
+        return rec
 
     def _counters(self) -> dict[str, Any]:
         snap = self.model.zipmoe_engine.stats.snapshot()

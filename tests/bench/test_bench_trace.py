@@ -1,0 +1,35 @@
+"""trace_summary: where a batch-1 decode step's time went, from the engine's per-layer trace."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from zipmoe.bench.metrics import trace_summary
+from zipmoe.engine.engine import LayerTrace
+from zipmoe.scheduler.tasks import ExpertTimes, PlanTimings
+from zipmoe.types import ExpertKey
+
+NAN = math.nan
+
+
+def _layer(layer: int, entered: float, left: float, reads: list[tuple[float, float]], started: float) -> LayerTrace:
+    experts = tuple(ExpertTimes(ExpertKey(layer, e), a, b, NAN, NAN, NAN, NAN, NAN) for e, (a, b) in enumerate(reads))
+    cached = ExpertTimes(ExpertKey(layer, 9), *([NAN] * 7))  # an expert with no read
+    run = PlanTimings(left - started, 0.0, 0.0, 0.0, (*experts, cached), started)
+    return LayerTrace(layer, entered, left, 0, (run,))
+
+
+def test_trace_summary_splits_a_step_into_reads_gaps_and_tails():
+    prefill = [_layer(0, 0.0, 1.0, [(0.0, 0.5)], 0.0), _layer(1, 1.1, 2.0, [(0.0, 0.5)], 1.1)]
+    # decode step: layer 0 enters at 3.0, plans until 3.001, reads 3.001–3.011 and 3.005–3.015 (overlapping),
+    # ends at 3.020; layer 1 enters 3.025, no reads (all cached), ends 3.030
+    step = [_layer(0, 3.0, 3.020, [(0.001, 0.011), (0.005, 0.015)], 3.0), _layer(1, 3.025, 3.030, [], 3.025)]
+    out = trace_summary(prefill + step, layers_per_step=2)
+    assert out["layer_calls"] == 2
+    assert out["read_union_ms_sum_per_step"] == pytest.approx(14.0)  # 3.001–3.015, the overlap counted once
+    assert out["before_first_read_ms"] == pytest.approx(1.0)
+    assert out["after_last_read_ms"] == pytest.approx(5.0)
+    assert out["between_layers_ms_sum_per_step"] == pytest.approx((3.0 - 2.0 + 0.005) * 1e3)
+    assert out["reads_sum_per_step"] == pytest.approx(2.0)
