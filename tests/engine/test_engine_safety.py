@@ -72,6 +72,28 @@ def test_load_unload_leaks_no_threads_or_fds(store):
     assert fds() == files
 
 
+def test_a_model_dropped_without_unload_stops_its_engine_and_the_heap_unfreezes(store):
+    """load() freezes the objects alive before it (engine/heap.py); the model itself must stay collectable,
+    or a model dropped without unload() would keep its threads forever."""
+    import gc
+
+    gc.collect()
+    threads = threading.active_count()
+    first = load(store, memory_budget=None, workers=2)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    second = load(store, memory_budget=None, workers=2)
+    with torch.no_grad():
+        first(input_ids=_ids())
+    del first
+    gc.collect()
+    assert threading.active_count() == threads + 2 + 2, "the dropped model's engine is still running"
+    assert gc.get_freeze_count() > 0, "another engine is loaded: the heap stays frozen"
+    unload(second)
+    assert gc.get_freeze_count() == 0, "the last engine to close unfreezes"
+    assert threading.active_count() == threads
+
+
 def test_budget_too_small_names_the_minimum(store):
     with pytest.raises(BudgetTooSmallError) as err:
         load(store, memory_budget="64KiB")

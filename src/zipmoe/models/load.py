@@ -21,6 +21,7 @@ from zipmoe.cache.staging import staging_nbytes
 from zipmoe.codec.coders import get_coder
 from zipmoe.config import format_size
 from zipmoe.engine.engine import Engine, ExpertShapes
+from zipmoe.engine.heap import freeze_loaded_objects, release_frozen
 from zipmoe.engine.metrics import StepClock
 from zipmoe.engine.planning import PlannedPools
 from zipmoe.engine.prefetch import Prefetcher
@@ -90,13 +91,19 @@ def load(
     starts and once more at the end with done == total, for a progress bar; None (default) = silent.
     """
     device = torch.device(device)
-    reader = StoreReader(store, direct_io=direct_io)
+    freeze_loaded_objects()  # full GC passes would walk every library object each few steps (engine/heap.py)
+    try:
+        reader = StoreReader(store, direct_io=direct_io)
+    except BaseException:
+        release_frozen()
+        raise
     try:
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
                      experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch, preload,
                      progress=_Stages(progress))
     except BaseException:
         reader.close()
+        release_frozen()
         raise
 
 
@@ -178,6 +185,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     model.register_forward_hook(clock.post, with_kwargs=True)
     model.zipmoe_engine = engine
     weakref.finalize(model, engine.close)
+    engine.on_close.append(release_frozen)
     log.info("zipmoe: %d experts of %s, budget %s: %s", len(entries), format_size(2 * numel),
              format_size(budget.total), {k: format_size(v) for k, v in budget.breakdown().items()})
     return model

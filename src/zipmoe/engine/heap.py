@@ -1,0 +1,46 @@
+"""Keep Python's cyclic garbage collector off the objects that exist before a model is loaded.
+
+Why: a loaded model lives in a heap of ~440,000 tracked objects, ~350,000 of them torch's and
+transformers' own. Every few decode steps the engine's per-layer bookkeeping pushes a full
+(generation-2) collection, which walks all of them: 258 ms on the dev machine in the middle of a
+40-token generation with a DeepSeek-V2-shaped model; on the device, zipmoe's steps carried ~40 ms
+more than the per-layer medians explain (bench e2e --trace, BENCHMARKS.md). gc.freeze() at the start
+of load() moves the objects alive then into the permanent generation, which collections skip.
+Not the model itself: it sits in reference cycles, and a frozen cycle is never collected, so a model
+dropped without unload() would keep its engine's threads forever. Process-wide, hence the reference
+count: the last engine to close unfreezes.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+_lock = threading.Lock()
+_users = 0
+_ours = False  # we froze (an application that froze its heap itself keeps managing it)
+
+
+def freeze_loaded_objects() -> None:
+    """Collect once, then freeze every object alive now (call before building a model). Only the first of
+    overlapping calls freezes: a later one would freeze the models loaded in between. Pair with
+    release_frozen()."""
+    global _users, _ours
+    with _lock:
+        _users += 1
+        if _users == 1 and gc.get_freeze_count() == 0:
+            gc.collect()
+            gc.freeze()
+            _ours = True
+
+
+def release_frozen() -> None:
+    """Undo one freeze_loaded_objects(); the last caller unfreezes (frozen objects rejoin collection)."""
+    global _users, _ours
+    with _lock:
+        if _users == 0:
+            return
+        _users -= 1
+        if _users == 0 and _ours:
+            gc.unfreeze()
+            _ours = False
