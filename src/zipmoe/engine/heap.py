@@ -1,11 +1,11 @@
 """Keep Python's cyclic garbage collector off the objects that exist before a model is loaded.
 
 Why: a loaded model lives in a heap of ~440,000 tracked objects, ~350,000 of them torch's and
-transformers' own. Every few decode steps the engine's per-layer bookkeeping pushes a full
-(generation-2) collection, which walks all of them: 258 ms on the dev machine in the middle of a
-40-token generation with a DeepSeek-V2-shaped model; on the device, zipmoe's steps carried ~40 ms
-more than the per-layer medians explain (bench e2e --trace, BENCHMARKS.md). gc.freeze() at the start
-of load() moves the objects alive then into the permanent generation, which collections skip.
+transformers' own. load()'s allocations leave a full (generation-2) collection pending, and the
+engine's per-layer bookkeeping sets it off during the first requests: one 258 ms pause on the dev
+machine in a 40-token generation with a DeepSeek-V2-shaped model (scripts/gc_pauses.py). load()
+collects once and gc.freeze()s the objects alive before it: the pending pass happens at load, and
+later full passes skip the libraries (the permanent generation is never walked).
 Not the model itself: it sits in reference cycles, and a frozen cycle is never collected, so a model
 dropped without unload() would keep its engine's threads forever. Process-wide, hence the reference
 count: the last engine to close unfreezes.
