@@ -45,6 +45,8 @@ def test_workdir_holds_model_stores_and_one_json_per_run(suite: Path) -> None:
         assert d["status"] == "complete", (d["system"], d.get("reason"))
         assert d["commit"] and d["command"].startswith("zipmoe bench e2e") and d["machine"]["cores"]
         assert set(d["batches"]) == {"1", "2"}
+    leftovers = [p.name for p in suite.glob("runs/*/_warm-process*")]
+    assert not leftovers, "the untimed process warm-up (--warm-process, on by default) left a file behind"
 
 
 def test_every_system_generates_the_same_tokens_and_every_metric_is_finite(suite: Path) -> None:
