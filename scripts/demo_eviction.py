@@ -5,7 +5,7 @@ experts served from the cache, MB read per decode token, and whether the tokens 
 Counts, not timings: the same on any machine.
 
     python scripts/demo_eviction.py DIR/smollm2-moe.zipmoe [--budgets-mib 300 400 600]
-        [--policies lru lrfu lfu fifo marking] [--lrfu-half-lives 1.2]   (LRFU half-life per pool slot)
+        [--policies lru lrfu lrfu-per-access lfu fifo marking] [--lrfu-half-lives 0.7]   (LRFU half-life per pool slot)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 
 import transformers
 
+from zipmoe.bench.cachesim import POLICIES  # ablation variants of LRFU (e.g. "lrfu-per-access")
 from zipmoe.cache.policy import LRFU
 from zipmoe.models.load import load, unload
 
@@ -22,7 +23,7 @@ PROMPTS = ["Explain in three sentences why the sky is blue.", "Write a haiku abo
 
 
 def run(store: str, budget: int, eviction: str, tok) -> tuple[float, float, list[list[int]]]:
-    model = load(store, memory_budget=budget, eviction=eviction, workers=1)
+    model = load(store, memory_budget=budget, eviction=POLICIES.get(eviction, eviction), workers=1)
     stats = model.zipmoe_engine.stats
     hits = served = read = steps = 0
     outs = []

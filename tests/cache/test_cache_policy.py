@@ -207,3 +207,37 @@ def test_lrfu_never_reuses_a_victim_that_got_pinned() -> None:
     first = p.victim(set())
     assert p.victim(set()) == first  # nothing changed: the memo answers
     assert p.victim({first}) not in (first, None)
+
+
+def test_lrfu_counts_age_in_layer_calls_and_weighs_accesses_by_tokens() -> None:
+    p = LRFU(half_life=4)
+    p.accessed({})  # one call touching 60 keys: none of them is older than another
+    for e in range(60):
+        p.insert(k(e))
+    assert len({round(p._score[k(e)], 12) for e in range(60)}) == 1
+    p.accessed({k(60): 9.0, k(61): 1.0})  # a prefill-sized call: k60 had 9 tokens routed to it, k61 one
+    p.insert(k(60))
+    p.insert(k(61))
+    p.accessed({})
+    assert p.victim(set()) not in (k(60), k(61)), "the newer call's keys outrank the older call's"
+    for e in range(60):
+        p.remove(k(e))
+    assert p.victim(set()) == k(61)  # same call, fewer tokens
+
+
+def test_the_cache_passes_each_layer_calls_token_counts_to_its_policies() -> None:
+    from zipmoe.cache import ExpertCache, MemoryBudget
+    from zipmoe.types import State
+
+    calls: list[dict] = []
+
+    class Spy(LRU):
+        def accessed(self, tokens):
+            calls.append(dict(tokens))
+
+    cache = ExpertCache(MemoryBudget(1 << 24), 64, 64, "cpu", capacities={State.C: 4}, eviction=Spy)
+    with cache.acquire([k(1), k(2)], tokens=[7, 1]):
+        pass
+    with cache.acquire([k(3)]):
+        pass
+    assert calls == [{k(1): 7, k(2): 1}, {}]  # one call per acquire, for the one live pool

@@ -259,3 +259,31 @@ def test_closing_the_engine_of_a_resident_model_takes_its_weights_back(store):
     for _, _, module in experts_modules(model):
         assert module._zipmoe_resident is None
         assert module.gate_up_proj.device.type == "meta" and module.down_proj.device.type == "meta"
+
+
+def test_the_engine_tells_the_eviction_policy_how_many_tokens_each_expert_got(store):
+    """compute → Engine.experts → cache.acquire → policy.accessed: each layer call's token counts add up
+    to tokens × top-k (the weights LRFU uses to learn a prompt's favourite experts from its prefill)."""
+    from zipmoe.cache.policy import LRFU
+
+    seen: list[dict] = []
+
+    class Spy(LRFU):
+        def accessed(self, tokens):
+            seen.append(dict(tokens))
+            super().accessed(tokens)
+
+    with StoreReader(store) as r:
+        numel = next(iter(r.entries.values())).numel
+        dense = sum(p.stat().st_size for p in r.dense_files())
+        top_k = r.config["num_experts_per_tok"]
+    model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2, eviction=Spy)
+    try:
+        assert not model.zipmoe_engine.resident
+        ids = _ids()
+        with torch.no_grad():
+            model(input_ids=ids)
+        calls = [c for c in seen if c]
+        assert calls and all(sum(c.values()) == ids.numel() * top_k for c in calls)
+    finally:
+        unload(model)

@@ -14,13 +14,13 @@ from zipmoe.models.sources import InMemoryExpertSource
 
 
 class _Failing(InMemoryExpertSource):
-    def experts(self, layer, needed):
+    def experts(self, layer, needed, tokens=None):
         yield from list(super().experts(layer, needed))[:-1]
         raise ChecksumError(f"layer {layer} expert {needed[-1]}: chunk checksum mismatch")
 
 
 class _Skipping(InMemoryExpertSource):
-    def experts(self, layer, needed):
+    def experts(self, layer, needed, tokens=None):
         yield from list(super().experts(layer, needed))[1:]
 
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 class _Spy(InMemoryExpertSource):
     """Records which implementation each layer call ran under."""
 
-    def experts(self, layer, needed):
+    def experts(self, layer, needed, tokens=None):
         self.modes.append(getattr(compute._DECODING, "on", False))
         return super().experts(layer, needed)
 

@@ -35,7 +35,8 @@ class FakeSource:
         if not with_hint:
             self.hint = None
 
-    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def experts(self, layer: int, needed: Sequence[int],
+                tokens: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         self.calls.append((layer, list(needed)))
         self.threads.add(threading.current_thread().name)
         for e in needed:

@@ -146,8 +146,13 @@ class ExpertCache:
 
     # ---- leases (pin/unpin) ----
 
-    def acquire(self, keys: Iterable[ExpertKey]) -> Lease:
-        """Pin and look up a layer's experts; counts as one access of each (policies are touched)."""
+    def acquire(self, keys: Iterable[ExpertKey], tokens: Sequence[int] | None = None) -> Lease:
+        """Pin and look up a layer's experts; counts as one access of each (policies are touched), one
+        layer call for the policies' clocks, with `tokens[i]` tokens routed to keys[i] (None: 1 each)."""
+        keys = tuple(keys)
+        weights = dict(zip(keys, tokens, strict=True)) if tokens is not None else {}
+        for pol in self._live_pols:
+            pol.accessed(weights)
         return Lease(self, keys)
 
     def _acquire_one(self, key: ExpertKey) -> State:

@@ -59,6 +59,10 @@ class EvictionPolicy(Protocol):
         """Whether a load of `candidate` (not a member) may evict `victim` to enter a full pool."""
         return True
 
+    def accessed(self, tokens: Mapping[ExpertKey, float]) -> None:
+        """A layer call begins: its keys are touched or seen next, `tokens` routed to each (missing: 1)."""
+        return None
+
     def __len__(self) -> int: ...
 
     def __contains__(self, key: object) -> bool: ...
@@ -192,30 +196,38 @@ class Marking(EvictionPolicy):
 
 class LRFU:
     """Least recently/frequently used (Lee et al. 2001) with a frequency admission filter (as TinyLFU,
-    Einziger et al. 2017): a key's score is the sum of 2^(-age/H) over its accesses (age counted in
-    accesses to this pool), remembered while the key is out of the pool too; the victim is the unpinned
-    member with the lowest score; a loaded key enters a full pool only if its score before this access
-    beats the victim's.
+    Einziger et al. 2017): a key's score is the sum over its accesses of w·2^(-age/H), w = the tokens
+    routed to it in that layer call and age counted in layer calls; scores are remembered while a key
+    is out of the pool too; the victim is the unpinned member with the lowest score; a loaded key enters
+    a full pool only if its score before this access beats the victim's.
 
     Why: the engine's pools are shared by all layers. At batch 16 each layer needs nearly every expert,
     so the access pattern is a cycle over the layers, where LRU (and plain LRFU) evict exactly what the
     next layers need and hit nothing; the admission filter keeps a stable subset instead. At batch 1
-    real routing within a request is skewed and steady, which frequency captures. Simulated on the
-    calibrated sampler (6 layers × 60 experts, one pool of 135 slots, /tmp-style script in BENCHMARKS.md):
-    batch 16: LRU 0 %, LRFU 0 %, LRFU + admission 36 % hits; batch 1: 42.5 / 42.9 / 44.2 %.
-    H defaults to HALF_LIFE_PER_SLOT × capacity accesses. Scores live at a shared exponent scale
+    real routing within a request is skewed and steady, which frequency captures, and a prompt's
+    prefill shows which experts the request favours: token weights let it say so, and counting age in
+    layer calls keeps a 60-expert prefill call from aging the earlier layers' experts by 60 accesses.
+    Cache simulation on the calibrated sampler (`python -m zipmoe.bench.cachesim`, one C pool, 6 layers ×
+    60 experts, 64-token prompts, BENCHMARKS.md), decode-step hit rates: 135 slots, batch 1: LRU 0.437,
+    LRFU counted per access and unweighted 0.483, this 0.531; batch 16: 0.0 / 0.366 / 0.396; 270 slots:
+    batch 1 0.814 → 0.835, batch 16 0.729 → 0.769. H defaults to HALF_LIFE_PER_SLOT × capacity layer calls
+    (0.35–1.4 moved those rates by ≤ 1.5 points). On real text (the demo's SmolLM2 MoE, its own routers,
+    short chat prompts, scripts/demo_eviction.py) it serves the same share as the per-access version
+    (0.367 / 0.552 / 0.792 against 0.364 / 0.549 / 0.799 at 300 / 400 / 600 MiB). Used alone (no
+    accessed() calls), every access is its own call of weight 1. Scores live at a shared exponent scale
     (weights grow as 2^(t/H)) and are renormalised before they could overflow; victim() is O(members).
     """
 
     name = "lrfu"
-    HALF_LIFE_PER_SLOT = 1.2
+    HALF_LIFE_PER_SLOT = 0.7
 
     def __init__(self, half_life: float | None = None) -> None:
         self._half_life = half_life
         self._score: dict[ExpertKey, float] = {}  # every key seen, members or not
         self._latest: dict[ExpertKey, float] = {}  # weight of each key's latest access
         self._members: dict[ExpertKey, None] = {}
-        self._t = 0.0  # accesses so far (since the last renormalisation), in half-lives
+        self._t = 0.0  # layer calls so far (since the last renormalisation), in half-lives
+        self._tokens: Mapping[ExpertKey, float] | None = None  # the current call's weights (None: no calls)
         self._version = 0  # bumped by every change: victim() reuses its answer while nothing changed
         self._memo: tuple[int, ExpertKey] | None = None
 
@@ -223,16 +235,26 @@ class LRFU:
         if self._half_life is None:
             self._half_life = max(8.0, self.HALF_LIFE_PER_SLOT * capacity)
 
-    def _access(self, key: ExpertKey) -> None:
+    def _tick(self) -> None:
         if self._half_life is None:
             self.sized(0)
         self._t += 1.0 / self._half_life
         if self._t > 512:  # 2^512 is far from float overflow; rescale every score to the present
             scale = 2.0 ** -self._t
             self._score = {k: v * scale for k, v in self._score.items() if v * scale > 1e-12 or k in self._members}
-            self._latest = {k: self._latest[k] * scale for k in self._score}
+            self._latest = {k: self._latest.get(k, 0.0) * scale for k in self._score}
             self._t = 0.0
-        weight = 2.0 ** self._t
+
+    def accessed(self, tokens: Mapping[ExpertKey, float]) -> None:
+        self._tick()
+        self._tokens = tokens
+
+    def _access(self, key: ExpertKey) -> None:
+        if self._tokens is None:  # used alone: each access is a call of its own
+            self._tick()
+            weight = 2.0 ** self._t
+        else:
+            weight = 2.0 ** self._t * self._tokens.get(key, 1.0)
         self._score[key] = self._score.get(key, 0.0) + weight
         self._latest[key] = weight
         self._version += 1
@@ -280,13 +302,13 @@ EVICTION_POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
 
 
 class _WithDefaults:
-    """A policy written before sized/seen/admits existed, with those filled in (members-only behaviour)."""
+    """A policy written before sized/seen/admits/accessed existed, with those filled in (members-only behaviour)."""
 
     def __init__(self, policy: object):
         self._p = policy
         self.insert, self.touch, self.remove, self.victim = (
             policy.insert, policy.touch, policy.remove, policy.victim)  # type: ignore[attr-defined]
-        for name in ("sized", "seen", "admits"):
+        for name in ("sized", "seen", "admits", "accessed"):
             setattr(self, name, getattr(policy, name, None) or types.MethodType(getattr(EvictionPolicy, name), self))
 
     def __len__(self) -> int:
@@ -298,7 +320,7 @@ class _WithDefaults:
 
 def with_defaults(policy: object) -> EvictionPolicy:
     """`policy` itself when it has the whole protocol, else wrapped so the cache can call every method."""
-    if all(callable(getattr(policy, n, None)) for n in ("sized", "seen", "admits")):
+    if all(callable(getattr(policy, n, None)) for n in ("sized", "seen", "admits", "accessed")):
         return policy  # type: ignore[return-value]
     return _WithDefaults(policy)  # type: ignore[return-value]
 

@@ -159,14 +159,16 @@ class Engine:
 
     # ---- ExpertSource ----
 
-    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Yield (expert, gate_up [2I,H], down [H,I]) for each needed expert as soon as it is ready."""
+    def experts(self, layer: int, needed: Sequence[int],
+                tokens: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield (expert, gate_up [2I,H], down [H,I]) for each needed expert as soon as it is ready;
+        `tokens` (routed to each) weigh the access for the eviction policy."""
         t_layer = time.perf_counter()
         keys = [ExpertKey(layer, e) for e in needed]
         if self.pools is not None:
             self.pools.observe(layer, needed)
         prefetched = self._collect(layer, keys)
-        with self.cache.acquire(keys) as lease:
+        with self.cache.acquire(keys, tokens) as lease:
             hits, loads = [], []
             for key, state in zip(keys, lease.states, strict=True):
                 self.stats.hits[state.name] += 1

@@ -116,9 +116,10 @@ class Adapter(Protocol):
 class ExpertSource(Protocol):
     """What the engine implements to serve routed experts to a model installed by `compute.install`.
 
-    `experts(layer, needed)` is called once per MoE layer call with the sorted, de-duplicated expert
-    ids the router picked. It yields `(expert, gate_up, down)` for every id in `needed`, exactly once
-    each, in any order (as weights become ready): gate_up is a contiguous [2I, H] tensor (gate rows
+    `experts(layer, needed, tokens)` is called once per MoE layer call with the sorted, de-duplicated
+    expert ids the router picked and how many tokens were routed to each (a hint for caching). It
+    yields `(expert, gate_up, down)` for every id in `needed`, exactly once each, in any order (as
+    weights become ready): gate_up is a contiguous [2I, H] tensor (gate rows
     then up rows), down a contiguous [H, I] tensor, both with the model's dtype on the compute device.
     They may be views into engine buffers; they only need to stay valid until the generator is
     resumed for the next item (the forward is done with an expert before asking for another), so
@@ -126,7 +127,8 @@ class ExpertSource(Protocol):
     inside the generator (e.g. ChecksumError) propagates out of the model's forward.
     """
 
-    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def experts(self, layer: int, needed: Sequence[int],
+                tokens: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield (expert id, gate_up [2I,H], down [H,I]) for each needed expert, in any order."""
         ...
 

@@ -32,9 +32,10 @@ REFERENCES = ("eager", "grouped_mm", "batched_mm")  # reference implementations 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def _experts_of(self: nn.Module, needed: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def _experts_of(self: nn.Module, needed: list[int],
+                tokens: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     source: ExpertSource = self._zipmoe_source
-    return source.experts(self._zipmoe_layer, needed)
+    return source.experts(self._zipmoe_layer, needed, tokens)
 
 
 def eager_like_forward(
@@ -45,10 +46,12 @@ def eager_like_forward(
     with torch.no_grad():
         expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
         expert_mask = expert_mask.permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        routed = expert_mask.sum(dim=(-1, -2))
+        expert_hit = torch.greater(routed, 0).nonzero()
     needed = [e for e in expert_hit[:, 0].tolist() if e != self.num_experts]
+    counts = routed.tolist()
     contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for expert, gate_up, down in _experts_of(self, needed):
+    for expert, gate_up, down in _experts_of(self, needed, [counts[e] for e in needed]):
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         current_state = hidden_states[token_idx]
         gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
@@ -76,7 +79,7 @@ def grouped_mm_like_forward(
     needed = sorted(spans)
     down_out = hidden_states.new_empty(expert_ids_g.numel(), hidden_dim)
     served: dict[int, bool] = {}
-    for expert, gate_up, down in _experts_of(self, needed):
+    for expert, gate_up, down in _experts_of(self, needed, [spans[e][1] - spans[e][0] for e in needed]):
         start, end = spans[expert]
         # The gate activation is elementwise along rows, so applying it to this expert's row block
         # gives the same bits as the reference's whole-(S, 2I) call (tested); the weights can then
@@ -112,7 +115,7 @@ def batched_mm_like_forward(
     gate_up_w = hidden_states.new_empty(n, *self.gate_up_proj.shape[1:])
     down_w = hidden_states.new_empty(n, *self.down_proj.shape[1:])
     served: dict[int, bool] = {}
-    for expert, gate_up, down in _experts_of(self, needed):
+    for expert, gate_up, down in _experts_of(self, needed, [len(slots[e]) for e in needed]):
         for s in slots[expert]:
             gate_up_w[s].copy_(gate_up)
             down_w[s].copy_(down)

@@ -32,8 +32,9 @@ class InMemoryExpertSource:
         }
         return cls(weights, seed)
 
-    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Yield fresh copies of the needed experts in a random order."""
+    def experts(self, layer: int, needed: Sequence[int],
+                tokens: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield fresh copies of the needed experts in a random order (tokens: only a caching hint)."""
         self.calls.append((layer, tuple(needed)))
         gate_up, down = self.weights[layer]
         order = list(needed)

@@ -71,14 +71,15 @@ class SharedExperts:
         replace_source(model, shared)
         return shared
 
-    def experts(self, layer: int, needed: Sequence[int]) -> Iterator[Item]:
-        """ExpertSource: the engine's own generator when alone, else the round's shared one."""
+    def experts(self, layer: int, needed: Sequence[int], tokens: Sequence[int] | None = None) -> Iterator[Item]:
+        """ExpertSource: the engine's own generator when alone, else the round's shared one (which loads
+        the union of the requests' experts without token counts: each counts once for the cache)."""
         rnd: _Round | None = getattr(self._local, "round", None)
         if rnd is None:
             self.stats.layers += 1
             self.stats.requested += len(needed)
             self.stats.loaded += len(needed)
-            return self.source.experts(layer, needed)
+            return self.source.experts(layer, needed, tokens)
         return rnd.experts(self._local.pid, layer, needed)
 
     def _hint(self, layer: int, experts: list[int]) -> None:
