@@ -29,6 +29,7 @@ import transformers
 
 from zipmoe.bench.baselines.base import hook_routers  # generalised to every router class (issue 6)
 from zipmoe.bench.baselines.workdir import disk_bandwidth
+from zipmoe.bench.cachesim import PerAccessLRFU
 from zipmoe.bench.metrics import trace_summary
 from zipmoe.bench.routing import RouterOverride, RoutingSampler
 from zipmoe.bench.synth import build_synthetic
@@ -49,6 +50,7 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-planned": {"planning": True},
     "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},
     "zipmoe-lru": {"eviction": "lru"},
+    "zipmoe-lrfu-per-access": {"eviction": PerAccessLRFU},  # LRFU before token weights (commit 9b372a9)
     "zipmoe-lru-prefetch": {"eviction": "lru", "prefetch": True},
     "zipmoe-fifo": {"eviction": "fifo"},
     "zipmoe-marking": {"eviction": "marking"},
