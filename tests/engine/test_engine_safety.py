@@ -94,6 +94,46 @@ def test_a_model_dropped_without_unload_stops_its_engine_and_the_heap_unfreezes(
     assert threading.active_count() == threads
 
 
+def test_reloading_into_the_same_variable_frees_the_old_model(store):
+    """`model = load(...)` again keeps the old (unloaded) model alive during the new load, whose freeze
+    catches it: it must still be freed once dropped (no reference cycle through a zipmoe model)."""
+    import gc
+    import weakref
+
+    model = load(store, memory_budget=None, workers=1)
+    unload(model)
+    old = weakref.ref(model)
+    model = load(store, memory_budget=None, workers=1)
+    try:
+        gc.collect()
+        assert old() is None, "the old model is kept alive (frozen in a reference cycle)"
+    finally:
+        unload(model)
+
+
+def test_a_load_failing_at_its_last_step_releases_everything_once(store, monkeypatch):
+    import gc
+
+    from zipmoe.engine import heap
+    from zipmoe.models import load as load_module
+
+    threads = threading.active_count()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(load_module.log, "info", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        load(store, memory_budget=None, workers=1)
+    monkeypatch.undo()
+    gc.collect()  # finalizers of anything left behind run now, and must not release a second time
+    assert heap._users == 0 and gc.get_freeze_count() == 0
+    assert threading.active_count() == threads
+    model = load(store, memory_budget=None, workers=1)  # and the next load works (no deadlock)
+    unload(model)
+    assert heap._users == 0 and gc.get_freeze_count() == 0
+
+
 def test_budget_too_small_names_the_minimum(store):
     with pytest.raises(BudgetTooSmallError) as err:
         load(store, memory_budget="64KiB")

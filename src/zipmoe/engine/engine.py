@@ -394,8 +394,12 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for hook in self.on_close:
-            hook()
+        failed: BaseException | None = None
+        for hook in self.on_close:  # every hook runs, and the rest of close too, whatever one raises
+            try:
+                hook()
+            except BaseException as exc:
+                failed = failed or exc
         restore_switch_interval()
         self.executor.close()
         if self.prefetcher is not None:
@@ -408,3 +412,5 @@ class Engine:
         self.cache.release_staging(self.staging)
         self.cache.close()
         self.reader.close()
+        if failed is not None:
+            raise failed

@@ -6,9 +6,11 @@ engine's per-layer bookkeeping sets it off during the first requests: one 258 ms
 machine in a 40-token generation with a DeepSeek-V2-shaped model (scripts/gc_pauses.py). load()
 collects once and gc.freeze()s the objects alive before it: the pending pass happens at load, and
 later full passes skip the libraries (the permanent generation is never walked).
-Not the model itself: it sits in reference cycles, and a frozen cycle is never collected, so a model
-dropped without unload() would keep its engine's threads forever. Process-wide, hence the reference
-count: the last engine to close unfreezes.
+Not the model itself: a frozen reference cycle is never collected, so a model dropped without unload()
+would keep its engine's threads forever. An older model still referenced during a later load() is
+frozen with everything else; it is freed by reference counting once dropped, which is why zipmoe's
+own objects keep no cycle through the model (models/compute.py holds it weakly). Process-wide, hence
+the reference count: the last engine to close unfreezes.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ def freeze_loaded_objects() -> None:
     global _users, _ours
     with _lock:
         _users += 1
-        if _users == 1 and gc.get_freeze_count() == 0:
-            gc.collect()
-            gc.freeze()
+        first = _users == 1 and gc.get_freeze_count() == 0
+    if first:  # outside the lock: the collection may run finalizers that close (and release) engines
+        gc.collect()
+        gc.freeze()
+        with _lock:
             _ours = True
 
 

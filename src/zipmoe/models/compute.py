@@ -13,9 +13,11 @@ T=tokens K=top-k S=T*K routed slots H=hidden I=expert intermediate E=experts.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,7 +37,18 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def _experts_of(self: nn.Module, needed: list[int],
                 tokens: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     source: ExpertSource = self._zipmoe_source
-    return source.experts(self._zipmoe_layer, needed, tokens)
+    if self._zipmoe_takes_tokens:
+        return source.experts(self._zipmoe_layer, needed, tokens=tokens)
+    return source.experts(self._zipmoe_layer, needed)  # a source written before the tokens hint
+
+
+def _takes_tokens(source: ExpertSource) -> bool:
+    """Whether source.experts accepts the `tokens` hint (added after the first release of the interface)."""
+    try:
+        params = inspect.signature(source.experts).parameters
+    except (TypeError, ValueError):
+        return False
+    return "tokens" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def eager_like_forward(
@@ -189,7 +202,7 @@ def zipmoe_experts_forward(
     """The registered "zipmoe" implementation: dispatch to the reference picked at install time (or the
     one generate() decodes with, see _follow_decode_switch), or run the reference itself when the
     module's weights are resident (serve_resident)."""
-    decoding = getattr(_DECODING, "on", False)
+    decoding = self._zipmoe_owner in getattr(_DECODING, "models", ())
     if self._zipmoe_resident is not None:
         forward = self._zipmoe_resident[decoding]
         return forward(self, hidden_states, top_k_index, top_k_weights)
@@ -259,6 +272,7 @@ def replace_source(model: nn.Module, source: ExpertSource) -> None:
     for module in model.modules():
         if hasattr(module, "_zipmoe_source"):
             module._zipmoe_source = source
+            module._zipmoe_takes_tokens = _takes_tokens(source)
 
 
 def _reference_forward(module: nn.Module, reference: str) -> Callable[..., torch.Tensor]:
@@ -306,7 +320,7 @@ def release_resident(model: nn.Module) -> None:
             module._zipmoe_resident = None
 
 
-_DECODING = threading.local()  # .on: this thread is inside generate()'s decode phase on a GPU
+_DECODING = threading.local()  # .models: owner ids of the models in generate()'s decode phase on a GPU, per thread
 
 
 def _follow_decode_switch(model: nn.Module) -> None:
@@ -314,21 +328,28 @@ def _follow_decode_switch(model: nn.Module) -> None:
     GenerationMixin._optimize_model_for_decode: faster for few tokens). It cannot see that our
     "zipmoe" model has grouped_mm as its reference, so this wrapper applies the same rule to it: the
     same kernels, hence the same bits, as plain generate(). The flag is per thread, because the
-    server runs one request's prefill next to another's decode on one model (serve/shared_step.py).
+    server runs one request's prefill next to another's decode on one model (serve/shared_step.py),
+    and per model, because another zipmoe model called during a decode step (a draft model, say)
+    runs its own phase.
     Versions without the switch keep one reference throughout."""
     original = getattr(type(model), "_optimize_model_for_decode", None)
     if original is None:
         return
 
+    model_ref = weakref.ref(model)  # no cycle through the model: it stays collectable by reference counting
+    owner = id(model)
+
     @contextlib.contextmanager
     def optimize_model_for_decode(*args, **kwargs):
-        with original(model, *args, **kwargs):
-            before = getattr(_DECODING, "on", False)
-            _DECODING.on = _switches_for_decode(model)
+        m = model_ref()
+        with original(m, *args, **kwargs):
+            before = getattr(_DECODING, "models", frozenset())
+            if _switches_for_decode(m):
+                _DECODING.models = before | {owner}
             try:
                 yield
             finally:
-                _DECODING.on = before
+                _DECODING.models = before
 
     model._optimize_model_for_decode = optimize_model_for_decode
 
@@ -377,6 +398,8 @@ def install(model: nn.Module, source: ExpertSource, reference: str | None = None
                                                 requires_grad=False))
         module.intermediate_dim = module.gate_up_proj.shape[1] // 2
         module._zipmoe_source = source
+        module._zipmoe_takes_tokens = _takes_tokens(source)
+        module._zipmoe_owner = id(model)
         module._zipmoe_layer = layer
         # (prefill, decode): generate()'s decode phase on a GPU may use another implementation
         module._zipmoe_forward = (_FORWARDS[reference], _FORWARDS[_decode_reference(reference)])

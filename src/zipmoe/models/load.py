@@ -180,14 +180,18 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     except BaseException:
         engine.close()
         raise
-    clock = StepClock(engine.stats)
-    model.register_forward_pre_hook(clock.pre, with_kwargs=True)
-    model.register_forward_hook(clock.post, with_kwargs=True)
-    model.zipmoe_engine = engine
-    weakref.finalize(model, engine.close)
-    engine.on_close.append(release_frozen)
-    log.info("zipmoe: %d experts of %s, budget %s: %s", len(entries), format_size(2 * numel),
-             format_size(budget.total), {k: format_size(v) for k, v in budget.breakdown().items()})
+    try:
+        clock = StepClock(engine.stats)
+        model.register_forward_pre_hook(clock.pre, with_kwargs=True)
+        model.register_forward_hook(clock.post, with_kwargs=True)
+        model.zipmoe_engine = engine
+        log.info("zipmoe: %d experts of %s, budget %s: %s", len(entries), format_size(2 * numel),
+                 format_size(budget.total), {k: format_size(v) for k, v in budget.breakdown().items()})
+        weakref.finalize(model, engine.close)
+    except BaseException:
+        engine.close()
+        raise
+    engine.on_close.append(release_frozen)  # last: from here on, closing the engine releases the freeze
     return model
 
 
