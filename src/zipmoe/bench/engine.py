@@ -30,7 +30,7 @@ import transformers
 from zipmoe.bench.baselines.base import hook_routers  # generalised to every router class (issue 6)
 from zipmoe.bench.baselines.workdir import disk_bandwidth
 from zipmoe.bench.cachesim import PerAccessLRFU
-from zipmoe.bench.metrics import trace_summary
+from zipmoe.bench.metrics import cuda_allocator_counts, trace_summary
 from zipmoe.bench.routing import RouterOverride, RoutingSampler
 from zipmoe.bench.synth import build_synthetic
 from zipmoe.convert import convert
@@ -126,7 +126,7 @@ def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens
         clock = StepClock(stats)
         model.register_forward_pre_hook(clock.pre, with_kwargs=True)
         model.register_forward_hook(clock.post, with_kwargs=True)
-    before, n0 = stats.snapshot(), len(stats.step_s)
+    before, n0, alloc0 = stats.snapshot(), len(stats.step_s), cuda_allocator_counts()
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(model.device)
     override.begin(batch)
@@ -136,6 +136,7 @@ def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     wall = time.perf_counter() - t0
     after, steps = stats.snapshot(), stats.step_s[n0:]
+    allocator = {k: v - alloc0[k] for k, v in cuda_allocator_counts().items()}
     served = sum(after["hits"][k] - before["hits"][k] for k in after["hits"])
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "wall_s": wall,
@@ -147,6 +148,7 @@ def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens
         "stall_s": after["stall_s"] - before["stall_s"],
         "layer_s": after["layer_s"] - before["layer_s"],
         "hit_rate": {k: (after["hits"][k] - before["hits"][k]) / max(1, served) for k in after["hits"]},
+        **allocator,
     }
 
 

@@ -45,6 +45,18 @@ def os_read_bytes() -> int | None:
     return None
 
 
+def cuda_allocator_counts() -> dict[str, int]:
+    """Cumulative CUDA caching-allocator events (cudaMalloc'd / cudaFree'd segments, OOM retries); {}
+    without CUDA. Recorded per run to test whether the first engine of a process pays for growing the
+    allocator's pool (it ran 20–40 % slower on the device, BENCHMARKS.md third session)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"cuda_segments_allocated": int(stats.get("segment.all.allocated", 0)),
+            "cuda_segments_freed": int(stats.get("segment.all.freed", 0)),
+            "cuda_alloc_retries": int(stats.get("num_alloc_retries", 0))}
+
+
 class PeakMemory:
     """Peak host RSS and GPU memory over an interval: reset() at its start, read() at its end.
 
