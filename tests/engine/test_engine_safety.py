@@ -207,27 +207,36 @@ def test_failed_load_leaks_no_threads(store):
     assert threading.active_count() == threads
 
 
+def _prefetcher_reading_slowly(reader, seconds: float, key):
+    """A Prefetcher whose reads of `key`'s SM plane take `seconds`, already hinted to read `key`."""
+    import time
+
+    from zipmoe.engine.prefetch import Prefetcher
+
+    read = reader.read_sm_into
+
+    def slow(entry, buf):
+        if entry.key == key:
+            time.sleep(seconds)
+        return read(entry, buf)
+
+    reader.read_sm_into = slow
+    pf = Prefetcher(reader, 2, 1 << 20, 1 << 20, pinned=False)
+    pf.hint(key.layer, [key])
+    pf.disk_free()
+    return pf
+
+
 def test_prefetch_never_serves_planes_of_an_older_fill(store):
     """Three hints without a collect in between reuse a slot set while a read into it is in flight:
     that read's planes must be dropped, never returned under its key."""
     import time
 
-    from zipmoe.engine.prefetch import Prefetcher
 
     with StoreReader(store) as reader:
         a, b, c = ExpertKey(1, 5), ExpertKey(2, 0), ExpertKey(0, 7)
-        read = reader.read_sm_into
-
-        def slow_for_a(entry, buf):
-            if entry.key == a:
-                time.sleep(0.3)
-            return read(entry, buf)
-
-        reader.read_sm_into = slow_for_a
-        pf = Prefetcher(reader, 2, 1 << 20, 1 << 20, pinned=False)
+        pf = _prefetcher_reading_slowly(reader, 0.3, a)
         try:
-            pf.hint(1, [a])
-            pf.disk_free()
             time.sleep(0.1)  # a's read is in flight into set X
             pf.hint(2, [b])
             pf.hint(0, [c])  # refills set X
@@ -244,21 +253,11 @@ def test_a_layer_waits_for_a_prefetch_read_in_flight_only_if_it_needs_that_exper
     right one in flight is awaited and served."""
     import time
 
-    from zipmoe.engine.prefetch import Prefetcher
 
     with StoreReader(store) as reader:
         a, other = ExpertKey(1, 5), ExpertKey(1, 6)
-        read = reader.read_sm_into
-
-        def slow(entry, buf):
-            time.sleep(0.4)
-            return read(entry, buf)
-
-        reader.read_sm_into = slow
-        pf = Prefetcher(reader, 2, 1 << 20, 1 << 20, pinned=False)
+        pf = _prefetcher_reading_slowly(reader, 0.4, a)
         try:
-            pf.hint(1, [a])
-            pf.disk_free()
             time.sleep(0.1)  # a's read is in flight
             t0 = time.perf_counter()
             assert pf.collect(1, [other]) == {}
