@@ -13,8 +13,8 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,28 +41,43 @@ def save_json(path: Path, doc: Any) -> None:
 
 def disk_bandwidth(data_file: Path, chunk: int = 16 << 20, total: int = 1 << 30, threads: int = 2) -> float:
     """O_DIRECT read bandwidth (B/s) of a file: whole chunks in random order (≤ total bytes), `threads`
-    readers at once as the engine's I/O channel reads (load(io_threads=2)). Dirty pages are flushed first:
-    a benchmark measures right after building its stores, and their writeback would slow the reads
-    (a device run measured 1.0 GB/s so, while the engine then read at 1.5 GB/s: bounds below 1)."""
+    readers at once as the engine's I/O channel reads (load(io_threads=2)); only the reads are timed
+    (files opened and buffers allocated first, the readers released together). Dirty pages are flushed
+    first: a benchmark measures right after building its stores, and their writeback would slow the
+    reads (a device run measured 1.0 GB/s so, while the engine then read at 1.5 GB/s: bounds below 1)."""
     os.sync()
     size = data_file.stat().st_size
     chunk = min(chunk, max(4096, size // 4096 * 4096))
     offsets = np.random.default_rng(0).permutation(max(1, size // chunk))[: max(1, total // chunk)]
+    threads = max(1, min(threads, len(offsets)))
+    fds = [open_direct(str(data_file))[0] for _ in range(threads)]
+    try:
+        bufs = [aligned_buffer(chunk) for _ in range(threads)]
+        start = threading.Barrier(threads + 1)
+        failed: list[BaseException] = []
 
-    def read(part: np.ndarray) -> None:
-        fd, _direct = open_direct(str(data_file))
-        try:
-            buf = aligned_buffer(chunk)
-            for i in part:
-                read_direct_into(fd, int(i) * chunk, min(chunk, size - int(i) * chunk), buf)
-        finally:
+        def read(t: int) -> None:
+            start.wait()
+            try:
+                for i in offsets[t::threads]:
+                    read_direct_into(fds[t], int(i) * chunk, min(chunk, size - int(i) * chunk), bufs[t])
+            except BaseException as exc:  # re-raised on the caller's thread
+                failed.append(exc)
+
+        readers = [threading.Thread(target=read, args=(t,), daemon=True) for t in range(threads)]
+        for r in readers:
+            r.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for r in readers:
+            r.join()
+        elapsed = time.perf_counter() - t0
+        if failed:
+            raise failed[0]
+    finally:
+        for fd in fds:
             os.close(fd)
-
-    parts = [offsets[t::threads] for t in range(threads)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(read, parts))
-    return sum(min(chunk, size - int(i) * chunk) for i in offsets) / (time.perf_counter() - t0)
+    return sum(min(chunk, size - int(i) * chunk) for i in offsets) / elapsed
 
 
 def _checkpoint(args: Any, hf: Path, copies: float) -> None:
