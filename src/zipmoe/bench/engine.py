@@ -33,6 +33,7 @@ from zipmoe.bench.cachesim import PerAccessLRFU
 from zipmoe.bench.metrics import cuda_allocator_counts, trace_summary
 from zipmoe.bench.routing import RouterOverride, RoutingSampler
 from zipmoe.bench.synth import build_synthetic
+from zipmoe.cache import entry_bytes
 from zipmoe.convert import convert
 from zipmoe.engine import gil
 from zipmoe.engine.metrics import EngineStats, StepClock
@@ -47,6 +48,7 @@ from zipmoe.types import State
 SYSTEMS: dict[str, dict] = {
     "zipmoe": {},
     "zipmoe-prefetch": {"prefetch": True},
+    "zipmoe-4pools": {"pool_split": (0.25, 0.25, 0.25, 0.25)},  # the paper's "+ four pools" row: F/C/S/E, no planning
     "zipmoe-planned": {"planning": True},
     "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},
     "zipmoe-lru": {"eviction": "lru"},
@@ -171,6 +173,7 @@ def run(args) -> dict:
         numel = next(iter(r.entries.values())).numel
         dense = sum(p.stat().st_size for p in r.dense_files())
         stored = r.expert_bytes.stored
+        per_entry = entry_bytes(numel, r.max_e_region_bytes)
     expert_bf16 = n_entries * numel * 2
     bw = disk_bandwidth(stores["uncompressed-lru"] / "experts.bin")
     result = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "experts": n_entries,
@@ -193,6 +196,10 @@ def run(args) -> dict:
             budget = None
         elif name == "uncompressed-lru":  # every budget byte holds decoded experts, LRU
             extra["capacities"] = {State.F: int(frac * expert_bf16) // (2 * numel)}
+        if "pool_split" in extra:  # a fixed share of the expert bytes per pool (F, C, S, E)
+            split = extra.pop("pool_split")
+            extra["capacities"] = {p: int(share * frac * expert_bf16) // per_entry[p]
+                                   for p, share in zip((State.F, State.C, State.S, State.E), split, strict=True)}
         switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)
         saved_switch, gil.ENGINE_SWITCH_INTERVAL_S = gil.ENGINE_SWITCH_INTERVAL_S, switch
         try:
