@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import transformers
 
-from zipmoe.bench.baselines.base import hook_routers  # generalised to every router class (issue 6)
+from zipmoe.bench.baselines.base import PromptRouting, hook_routers  # every router class (issue 6)
 from zipmoe.bench.baselines.workdir import disk_bandwidth
 from zipmoe.bench.cachesim import PerAccessLRFU
 from zipmoe.bench.metrics import cuda_allocator_counts, trace_summary
-from zipmoe.bench.routing import RouterOverride, RoutingSampler
+from zipmoe.bench.routing import RoutingSampler
 from zipmoe.bench.synth import build_synthetic
 from zipmoe.cache import entry_bytes
 from zipmoe.convert import convert
@@ -69,7 +69,7 @@ class LookaheadRouting:
     and serving it when its router asks gives exactly the sequence an un-peeked run gets.
     """
 
-    def __init__(self, override: RouterOverride):
+    def __init__(self, override: PromptRouting):
         self.override = override
         self._ahead: dict[int, np.ndarray] = {}
 
@@ -77,9 +77,11 @@ class LookaheadRouting:
     def rows(self):
         return self.override.rows
 
-    def begin(self, batch: int) -> None:
+    def begin(self, requests: list[int]) -> None:
+        """Route the batch's rows as requests `requests` of the sampler: the same numbers give every
+        system the same routing, draw for draw."""
         self._ahead.clear()
-        self.override.begin(batch)
+        self.override.begin_prompts(requests)
 
     def topk(self, layer: int, rows: int, seq: int) -> np.ndarray:
         ids = self._ahead.pop(layer, None)
@@ -121,7 +123,11 @@ def oracle_hints(model, routing: LookaheadRouting, accuracy: float, seed: int) -
         module.register_forward_hook(hook)
 
 
-def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+WARMUP_REQUEST = 1 << 20  # request number of the untimed warm-up; measured batches use 0, 1, … (batch 1: 0)
+
+
+def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens: int, seed: int,
+            first_request: int = 0) -> dict:
     stats = getattr(model, "zipmoe_engine", None)
     stats = stats.stats if stats is not None else EngineStats()
     if not hasattr(model, "zipmoe_engine"):
@@ -131,7 +137,7 @@ def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens
     before, n0, alloc0 = stats.snapshot(), len(stats.step_s), cuda_allocator_counts()
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(model.device)
-    override.begin(batch)
+    override.begin(list(range(first_request, first_request + batch)))
     t0 = time.perf_counter()
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -150,6 +156,7 @@ def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens
         "stall_s": after["stall_s"] - before["stall_s"],
         "layer_s": after["layer_s"] - before["layer_s"],
         "hit_rate": {k: (after["hits"][k] - before["hits"][k]) / max(1, served) for k in after["hits"]},
+        "experts_served": served,
         **allocator,
     }
 
@@ -181,7 +188,7 @@ def run(args) -> dict:
               "disk_bytes_per_s": bw, "workers": args.workers, "device": args.device, **timings, "runs": []}
     sampler = RoutingSampler("qwen1.5-moe-a2.7b", cfg["num_experts"], cfg["num_experts_per_tok"],
                              cfg["num_hidden_layers"], seed=args.seed)
-    override = LookaheadRouting(RouterOverride(sampler))
+    override = LookaheadRouting(PromptRouting(sampler))
     staging = 8 * numel * 8 + (1 << 24)
     batches = [(1, args.new_tokens)] + ([(args.big_batch, args.big_batch_tokens)] if args.big_batch > 0 else [])
     runs = [tuple(r.split(":")) for r in args.runs] if args.runs else [
@@ -210,7 +217,7 @@ def run(args) -> dict:
         if extra.get("prefetch"):
             oracle_hints(model, override, args.prefetch_accuracy, args.seed)
         try:
-            measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up: CUDA, kernels
+            measure(model, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000, WARMUP_REQUEST)  # warm-up
             for batch, new in batches:
                 profiler = cProfile.Profile() if args.profile and batch == 1 else None
                 engine = getattr(model, "zipmoe_engine", None)
@@ -218,7 +225,8 @@ def run(args) -> dict:
                     engine.trace = []
                 if profiler:
                     profiler.enable()
-                m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
+                m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed,
+                            first_request=0 if batch == 1 else 1)
                 if profiler:
                     profiler.disable()
                     out = io.StringIO()
@@ -245,9 +253,10 @@ def run(args) -> dict:
     if args.device == "cuda" and not args.skip_reference:
         ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cuda")
         hook_routers(ref, override)
-        measure(ref, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000)  # warm-up, as for the others
+        measure(ref, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000, WARMUP_REQUEST)  # as for the others
         for batch, new in batches:
-            m = measure(ref, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed)
+            m = measure(ref, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed,
+                        first_request=0 if batch == 1 else 1)
             m.update(system="transformers-all-on-gpu", budget_frac=1.0)
             result["runs"].append(m)
             print(json.dumps(m), flush=True)
