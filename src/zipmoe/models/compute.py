@@ -59,10 +59,8 @@ def eager_like_forward(
     with torch.no_grad():
         expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
         expert_mask = expert_mask.permute(2, 1, 0)
-        routed = expert_mask.sum(dim=(-1, -2))
-        expert_hit = torch.greater(routed, 0).nonzero()
-    needed = [e for e in expert_hit[:, 0].tolist() if e != self.num_experts]
-    counts = routed.tolist()
+        counts = expert_mask.sum(dim=(-1, -2)).tolist()  # tokens per expert (+ the padding class): one sync
+    needed = [e for e, n in enumerate(counts[: self.num_experts]) if n]  # the reference's expert_hit, ascending
     contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for expert, gate_up, down in _experts_of(self, needed, [counts[e] for e in needed]):
         top_k_pos, token_idx = torch.where(expert_mask[expert])

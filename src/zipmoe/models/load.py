@@ -91,18 +91,16 @@ def load(
     starts and once more at the end with done == total, for a progress bar; None (default) = silent.
     """
     device = torch.device(device)
-    freeze_loaded_objects()  # full GC passes would walk every library object each few steps (engine/heap.py)
+    freeze_loaded_objects()  # the pending full GC pass happens now, not in the first request (engine/heap.py)
+    reader = None
     try:
         reader = StoreReader(store, direct_io=direct_io)
-    except BaseException:
-        release_frozen()
-        raise
-    try:
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
                      experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch, preload,
                      progress=_Stages(progress))
     except BaseException:
-        reader.close()
+        if reader is not None:
+            reader.close()
         release_frozen()
         raise
 

@@ -20,20 +20,31 @@ log = logging.getLogger("zipmoe.serve")
 _TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class _EngineCollector(Collector):
-    """Turns one engine stats snapshot into metric families (nothing when the model is plain HF)."""
+class _SnapshotCollector(Collector):
+    """Metric families from one stats snapshot per scrape; nothing when there is no snapshot function
+    (a plain HF model, no batching) or it fails: a scrape must never take the server down."""
 
-    def __init__(self, stats_fn: Callable[[], dict] | None):
-        self.stats_fn = stats_fn
+    def __init__(self, snapshot_fn: Callable[[], dict] | None):
+        self.snapshot_fn = snapshot_fn
 
     def collect(self):
-        if self.stats_fn is None:
+        if self.snapshot_fn is None:
             return
         try:
-            stats = self.stats_fn()
-        except Exception:  # a scrape must never take the server down
-            log.exception("engine stats unavailable")
+            stats = self.snapshot_fn()
+        except Exception:
+            log.exception("%s: stats unavailable", type(self).__name__)
             return
+        yield from self.families(stats)
+
+    def families(self, stats: dict):
+        raise NotImplementedError
+
+
+class _EngineCollector(_SnapshotCollector):
+    """The engine's counters."""
+
+    def families(self, stats: dict):
         hits = CounterMetricFamily("zipmoe_expert_hits", "Experts served, by the cache state they were in",
                                    labels=["state"])
         for state, count in sorted(dict(stats.get("hits", {})).items()):
@@ -46,16 +57,10 @@ class _EngineCollector(Collector):
                                 value=float(stats.get("io_stall_share", 0.0)))
 
 
-class _ShareCollector(Collector):
+class _ShareCollector(_SnapshotCollector):
     """Batching counters from serve/shared_step.py: loads below requests are loads the rounds shared."""
 
-    def __init__(self, share_fn: Callable[[], dict] | None):
-        self.share_fn = share_fn
-
-    def collect(self):
-        if self.share_fn is None:
-            return
-        stats = self.share_fn()
+    def families(self, stats: dict):
         for name, key, doc in (
             ("zipmoe_batch_rounds", "rounds", "Rounds that stepped two or more requests together"),
             ("zipmoe_batch_steps", "steps", "Request steps run in those rounds"),
