@@ -5,11 +5,13 @@ where the step went (Engine.trace), the CUDA allocator's segment events, garbage
 torch ops whose self CPU time changed most between the first and the last engine.
 
     python scripts/first_engine.py HF_DIR STORE [--device cuda] [--budget-frac 0.25] [--engines 3] [--tokens 32]
+        [--no-profile] [--reserve-gib G]
 
 Qwen-shaped models (bench/engine.py builds one: runs/zb/hf, runs/zb/store-huffman).
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -50,12 +52,13 @@ def one_engine(a, budget: int, cfg: dict, seed: int) -> dict:
             engine.trace, n0, alloc0 = [], len(engine.stats.step_s), cuda_allocator_counts()
             gc.callbacks.append(on_gc)
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
-            with profile(activities=acts) as prof:
+            prof = profile(activities=acts) if a.profile else None
+            with prof or contextlib.nullcontext():
                 model.generate(input_ids=ids, max_new_tokens=a.tokens, min_new_tokens=a.tokens, do_sample=False,
                                pad_token_id=0)
             gc.callbacks.remove(on_gc)
         steps = engine.stats.step_s[n0:]
-        ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()} if prof is not None else {}
         return {"tpot_s": statistics.median(steps[1:]), "trace": trace_summary(engine.trace, cfg["num_hidden_layers"]),
                 "allocator": {k: v - alloc0.get(k, 0) for k, v in cuda_allocator_counts().items()},
                 "gc_pauses": len(pauses), "gc_pause_s": sum(pauses), "ops": ops}
@@ -72,7 +75,12 @@ def main() -> None:
     p.add_argument("--budget-frac", type=float, default=0.25)
     p.add_argument("--engines", type=int, default=3)
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="time without the torch profiler")
+    p.add_argument("--reserve-gib", type=float, default=0.0,
+                   help="allocate and free this much device memory first, so the caching allocator starts warm")
     a = p.parse_args()
+    if a.reserve_gib and a.device == "cuda":
+        torch.empty(int(a.reserve_gib * 2**30), dtype=torch.uint8, device="cuda")  # freed at once, kept cached
     cfg = json.loads(Path(a.hf, "config.json").read_text())
     g = store_geometry(a.store, a.device)
     budget = g["dense"] + g["staging"] + int(a.budget_frac * g["expert_bf16"])

@@ -52,9 +52,15 @@ def cuda_allocator_counts() -> dict[str, int]:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return {}
     stats = torch.cuda.memory_stats()
-    return {"cuda_segments_allocated": int(stats.get("segment.all.allocated", 0)),
-            "cuda_segments_freed": int(stats.get("segment.all.freed", 0)),
-            "cuda_alloc_retries": int(stats.get("num_alloc_retries", 0))}
+    counts = {"cuda_segments_allocated": int(stats.get("segment.all.allocated", 0)),
+              "cuda_segments_freed": int(stats.get("segment.all.freed", 0)),
+              "cuda_alloc_retries": int(stats.get("num_alloc_retries", 0))}
+    host_stats = getattr(torch.cuda, "host_memory_stats", None)  # the pinned-memory allocator (newer torch)
+    if host_stats is not None:
+        host = host_stats()
+        counts["cuda_host_allocs"] = int(host.get("num_host_alloc", 0))
+        counts["cuda_host_alloc_us"] = int(host.get("host_alloc_time.total", 0))
+    return counts
 
 
 class PeakMemory:
