@@ -211,7 +211,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
                 continue
             note, cgroup = _isolation(name, args.isolation, budget, setup, parse_size(args.cgroup_slack))
             if warm and cgroup is None and args.isolation != "process":
-                _warm_process(name, setup, budget, prompts, vocab, deadline, runs_dir)
+                _warm_process(name, setup, budget, prompts, args, vocab, deadline, runs_dir)
                 warm = False
             spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
                     "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
@@ -223,23 +223,25 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
     return statuses
 
 
-def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, vocab: int, deadline: float,
-                  runs_dir: Path) -> None:
-    """One untimed, unreported run (1 prompt, 8 tokens) of the first system run in this process. On the
-    device the first engine of a process ran 20–40 % slower for its whole life (its gaps between layers
-    were 60–85 ms longer per step; BENCHMARKS.md, third session), which the suite's fixed system order
-    would charge to zipmoe every time. The cause is not known; paying it here keeps it out of the runs."""
+def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argparse.Namespace, vocab: int,
+                  deadline: float, runs_dir: Path) -> None:
+    """An untimed, unreported replay of the first system's whole workload (same prompts, batch sizes and
+    new tokens) before any measured run. On CUDA, torch's cuDNN attention builds an execution graph the
+    first time a thread meets each (batch, query length, key length), about 8 ms per attention call on the
+    device: the first system of a process ran 20–40 % slower for its whole run (its gaps between MoE layers
+    were 50–85 ms longer per step; scripts/first_engine.py, BENCHMARKS.md fourth session), and the suite's
+    fixed order charged that to zipmoe. After the replay every system meets shapes the process has seen."""
     path = runs_dir / "_warm-process.scratch"
     spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
-            "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts, "prompt_count": 1,
-            "batches": [1], "new_tokens": 8, "warmup": 1, "vocab_size": vocab, "deadline": deadline,
-            "page_cache": "", "meta": {}}
+            "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
+            "prompt_count": args.prompts, "batches": args.batches, "new_tokens": args.new_tokens, "warmup": 1,
+            "vocab_size": vocab, "deadline": deadline, "page_cache": "", "meta": {}}
     t0 = time.perf_counter()
     try:
         execute_run(spec)
     finally:
         path.unlink(missing_ok=True)
-    print(f"e2e: warmed the process with an untimed {name} run ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"e2e: warmed the process with an untimed replay of {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -261,7 +263,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-seed", type=int, default=0)
     p.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one 8-token prefill before measuring")
     p.add_argument("--warm-process", type=int, choices=(0, 1), default=1,
-                   help="one untimed 8-token run of the first system before any measured run")
+                   help="replay the first system's workload untimed before any measured run (CUDA attention "
+                        "builds a graph per new shape)")
     p.add_argument("--experts-implementation", default=None, help="eager | grouped_mm (default: transformers')")
     p.add_argument("--isolation", choices=("auto", "process", "inline"), default="auto",
                    help="auto: child process in a cgroup for page-cache readers when possible")

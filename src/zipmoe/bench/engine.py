@@ -161,6 +161,23 @@ def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens
     }
 
 
+def warm_shapes(model, override, cfg: dict, args, batches: list[tuple[int, int]]) -> float:
+    """Run every measured shape (batch × prompt length × new tokens) once, untimed, on a model that is then
+    unloaded; returns the seconds it took. On CUDA, torch's cuDNN attention builds an execution graph the
+    first time a thread meets each (batch, query length, key length): about 8 ms per attention call on the
+    device, so a process's first decode of each length ran 50 ms per step slower on a 6-layer model
+    (scripts/first_engine.py). Plain transformers pays the same. Paying it here, before any measured run,
+    compares every system in the state of a process that has served these shapes before."""
+    t0 = time.perf_counter()
+    try:
+        for i, (batch, new) in enumerate(batches):
+            measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed + 2000,
+                    first_request=WARMUP_REQUEST + 64 * (i + 1))
+    finally:
+        unload(model)
+    return time.perf_counter() - t0
+
+
 def run(args) -> dict:
     work = Path(args.workdir)
     hf = work / "hf"
@@ -193,10 +210,8 @@ def run(args) -> dict:
     batches = [(1, args.new_tokens)] + ([(args.big_batch, args.big_batch_tokens)] if args.big_batch > 0 else [])
     runs = [tuple(r.split(":")) for r in args.runs] if args.runs else [
         (name, str(frac)) for frac in args.budgets for name in args.systems]
-    for name, frac_s in runs:
-        frac = float(frac_s)
-        if name not in SYSTEMS:
-            raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+
+    def load_system(name: str, frac: float):
         store = stores["uncompressed-lru" if name == "uncompressed-lru" else "zipmoe"]
         budget, extra = dense + staging + int(frac * expert_bf16), dict(SYSTEMS[name])
         if frac >= 1.0:  # everything fits: the default budget, every expert preloaded decoded
@@ -214,6 +229,17 @@ def run(args) -> dict:
         finally:
             gil.ENGINE_SWITCH_INTERVAL_S = saved_switch
         hook_routers(model, override)
+        return model, extra
+
+    for name, _ in runs:
+        if name not in SYSTEMS:
+            raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+    if runs and args.warm_shapes and args.device == "cuda":
+        result["warm_shapes_s"] = warm_shapes(load_system(runs[0][0], float(runs[0][1]))[0], override, cfg,
+                                              args, batches)
+    for name, frac_s in runs:
+        frac = float(frac_s)
+        model, extra = load_system(name, frac)
         if extra.get("prefetch"):
             oracle_hints(model, override, args.prefetch_accuracy, args.seed)
         try:
@@ -287,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--skip-reference", action="store_true", help="do not run plain transformers (CUDA) at the end")
+    p.add_argument("--warm-shapes", type=int, choices=(0, 1), default=1,
+                   help="first run every measured shape once untimed (CUDA attention builds a graph per shape)")
     p.add_argument("--trace", action="store_true", help="record where batch-1 decode time goes (per-layer medians)")
     p.add_argument("--profile", default=None, help="directory for cProfile reports of the batch-1 runs")
     args = p.parse_args(argv)
