@@ -6,6 +6,7 @@ tests; the rest are pure (metrics) or reuse the same workdir (resume, report).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -47,6 +48,24 @@ def test_workdir_holds_model_stores_and_one_json_per_run(suite: Path) -> None:
         assert set(d["batches"]) == {"1", "2"}
     leftovers = [p.name for p in suite.glob("runs/*/_warm-process*")]
     assert not leftovers, "the untimed process warm-up (--warm-process, on by default) left a file behind"
+
+
+def test_process_warm_up_replays_the_measured_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA attention builds a graph per new (batch, query, key) length: the warm-up must meet every shape the
+    measured runs will, so it replays the same prompts, batch sizes and token counts (not a short prefix)."""
+    specs: list[dict] = []
+    monkeypatch.setattr(e2e, "execute_run", lambda spec: specs.append(spec) or "complete")
+    parser = argparse.ArgumentParser()
+    e2e.configure(parser)
+    args = parser.parse_args(["--workdir", str(tmp_path), *ARGS])
+    setup = Setup(workdir=str(tmp_path), hf_dir="hf", stores={}, device="cpu", workers=1, disk_bytes_per_s=1.0,
+                  routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
+    prompts = {"vocab_size": 100, "n": 2, "seed": 0}
+    e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), prompts, args, 100, 1e12, tmp_path)
+    (spec,) = specs
+    assert (spec["prompts"], spec["prompt_count"], spec["batches"], spec["new_tokens"]) == (
+        prompts, args.prompts, args.batches, args.new_tokens)
+    assert not list(tmp_path.iterdir()), "the scratch run file is removed"
 
 
 def test_every_system_generates_the_same_tokens_and_every_metric_is_finite(suite: Path) -> None:
