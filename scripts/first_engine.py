@@ -4,6 +4,10 @@ calibrated routing on N engines loaded one after another in one process and prin
 where the step went (Engine.trace), the CUDA allocator's segment events, garbage collections, and the
 torch ops whose self CPU time changed most between the first and the last engine.
 
+Found with it (BENCHMARKS.md, fourth session): cuDNN attention builds an execution graph per new
+(batch, query length, key length), cached per thread, ~7 ms per call on the device; the first engine meets
+every decode length first. The allocator was ruled out (a warm reserve and expandable segments change nothing).
+
     python scripts/first_engine.py HF_DIR STORE [--device cuda] [--budget-frac 0.25] [--engines 3] [--tokens 32]
         [--no-profile] [--reserve-gib G]
 

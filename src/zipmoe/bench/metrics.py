@@ -47,8 +47,9 @@ def os_read_bytes() -> int | None:
 
 def cuda_allocator_counts() -> dict[str, int]:
     """Cumulative CUDA caching-allocator events (cudaMalloc'd / cudaFree'd segments, OOM retries); {}
-    without CUDA. Recorded per run to test whether the first engine of a process pays for growing the
-    allocator's pool (it ran 20–40 % slower on the device, BENCHMARKS.md third session)."""
+    without CUDA. Recorded per run: a run that grows the allocator's pools pays cudaMalloc / cudaHostAlloc
+    in its timed steps. (This ruled the allocator out as the first-engine slowness, which was cuDNN's
+    per-shape attention graphs: BENCHMARKS.md, fourth session.)"""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return {}
     stats = torch.cuda.memory_stats()
