@@ -44,7 +44,7 @@ from zipmoe.types import State
 
 # name -> zipmoe.load arguments. "zipmoe": the default (all-C split, LRFU eviction with admission, 0.5 ms
 # GIL switch interval, two I/O threads); the others change one thing each (the ablation rows);
-# "uncompressed-lru" reads the raw store with every budget byte in F, LRU (capacities set per budget).
+# "uncompressed-lru*" read the raw store with every budget byte in F, LRU (capacities set per budget).
 SYSTEMS: dict[str, dict] = {
     "zipmoe": {},
     "zipmoe-prefetch": {"prefetch": True},
@@ -57,6 +57,8 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-fifo": {"eviction": "fifo"},
     "zipmoe-marking": {"eviction": "marking"},
     "zipmoe-1io": {"io_threads": 1},
+    "zipmoe-nostripe": {"read_stripes": 1},  # whole-plane reads (before commit striping them)
+    "uncompressed-lru-nostripe": {"eviction": "lru", "read_stripes": 1},
     "zipmoe-gil5ms": {"switch_interval_s": 0.005},
     "uncompressed-lru": {"eviction": "lru"},
 }
@@ -212,11 +214,11 @@ def run(args) -> dict:
         (name, str(frac)) for frac in args.budgets for name in args.systems]
 
     def load_system(name: str, frac: float):
-        store = stores["uncompressed-lru" if name == "uncompressed-lru" else "zipmoe"]
+        store = stores["uncompressed-lru" if name.startswith("uncompressed-lru") else "zipmoe"]
         budget, extra = dense + staging + int(frac * expert_bf16), dict(SYSTEMS[name])
         if frac >= 1.0:  # everything fits: the default budget, every expert preloaded decoded
             budget = None
-        elif name == "uncompressed-lru":  # every budget byte holds decoded experts, LRU
+        elif name.startswith("uncompressed-lru"):  # every budget byte holds decoded experts, LRU
             extra["capacities"] = {State.F: int(frac * expert_bf16) // (2 * numel)}
         if "pool_split" in extra:  # a fixed share of the expert bytes per pool (F, C, S, E)
             split = extra.pop("pool_split")

@@ -58,6 +58,7 @@ def load(
     *,
     workers: int | None = None,
     io_threads: int = 2,
+    read_stripes: int = 2,
     eviction: str = "lrfu",
     staging_slots: int | None = None,
     direct_io: bool | None = None,
@@ -73,7 +74,9 @@ def load(
     """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
 
     workers: decode threads (default: cores − 1, at most 8); io_threads: threads of the read channel
-    (two keep a read in flight while the other hands its result on). eviction: "lrfu" (decayed
+    (two keep a read in flight while the other hands its result on); read_stripes: each plane read of
+    8 MiB or more is split into this many concurrent parts, so even a layer's last read keeps two
+    requests at the disk (1: whole-plane reads). eviction: "lrfu" (decayed
     frequency with an admission filter, cache/policy.py), "lru", "lfu", "fifo" or "marking".
     memory_budget: everything the engine holds (dense weights, expert pools, staging), bytes or a
     string like "6GiB"; None = enough to keep every expert decoded. experts_implementation: the
@@ -94,7 +97,7 @@ def load(
     freeze_loaded_objects()  # the pending full GC pass happens now, not in the first request (engine/heap.py)
     reader = None
     try:
-        reader = StoreReader(store, direct_io=direct_io)
+        reader = StoreReader(store, direct_io=direct_io, read_stripes=read_stripes)
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
                      experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch, preload,
                      progress=_Stages(progress))

@@ -12,6 +12,7 @@ import errno
 import logging
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -107,3 +108,48 @@ def read_direct_into(fd: int, offset: int, length: int, buf: np.ndarray) -> np.n
     if got < lo + length:
         raise EOFError(f"file ends at {start + got}, before byte {offset + length}")
     return view[lo : lo + length]
+
+
+class StripedReads:
+    """Reads one span as up to `stripes` aligned parts at once: the caller's thread reads the first part,
+    helper threads ("zipmoe-stripe-i") the rest, and read_into returns once every part is in.
+
+    Why: a layer has only 2–3 plane reads, so its last one often runs alone on one I/O thread. On the device
+    two 16 MiB streams read 2.24 GB/s, yet the uncompressed engine got ~1.57 GB/s while its reads were in
+    flight, which fits a lone stream at ~1.0 GB/s (BENCHMARKS.md, fourth session; inferred, to be measured
+    with scripts/disk_probe.py). Split, even a lone read keeps two requests in the disk's queue. Spans under
+    2 × min_part bytes are read whole (short reads gain nothing).
+    """
+
+    def __init__(self, stripes: int, min_part: int = 4 << 20):
+        if stripes < 2 or min_part < ALIGN:
+            raise ZipMoEError(f"striped reads need stripes >= 2 and min_part >= {ALIGN}, got {stripes}, {min_part}")
+        self.stripes, self.min_part = stripes, min_part
+        self._pool = ThreadPoolExecutor(max_workers=stripes - 1, thread_name_prefix="zipmoe-stripe")
+
+    def read_into(self, fd: int, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
+        """read_direct_into(fd, offset, length, buf), striped; the same contract and errors. No part is
+        still writing into buf when this returns or raises."""
+        start = offset - offset % ALIGN
+        span = align_up(offset + length) - start
+        parts = min(self.stripes, span // self.min_part)
+        if parts < 2:
+            return read_direct_into(fd, offset, length, buf)
+        if buf.ndim != 1 or buf.nbytes < span:
+            raise ValueError(f"read of {length} bytes at {offset} needs a buffer of {span} bytes, got {buf.shape}")
+        cuts = [start + span * i // parts // ALIGN * ALIGN for i in range(parts)] + [offset + length]
+        helpers = [self._pool.submit(read_direct_into, fd, cuts[i], cuts[i + 1] - cuts[i], buf[cuts[i] - start:])
+                   for i in range(1, parts)]
+        try:
+            read_direct_into(fd, offset, cuts[1] - offset, buf)
+        finally:
+            failures = [f.exception() for f in helpers]  # waits for every part
+        for exc in failures:
+            if exc is not None:
+                raise exc
+        lo = offset - start
+        return buf[lo : lo + length]
+
+    def close(self) -> None:
+        """Join the helper threads (idempotent)."""
+        self._pool.shutdown(wait=True)

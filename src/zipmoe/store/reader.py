@@ -20,7 +20,7 @@ import numpy as np
 import xxhash
 
 from zipmoe.errors import ChecksumError, StoreIncompleteError, ZipMoEError
-from zipmoe.store.aligned import aligned_buffer, open_direct, read_direct_into
+from zipmoe.store.aligned import StripedReads, aligned_buffer, open_direct, read_direct_into
 from zipmoe.store.format import (
     CORRUPT_HINT,
     DATA_NAME,
@@ -60,7 +60,8 @@ class ExpertBytes:
 class StoreReader:
     """A validated, open store. Thread-safe reads; close() (or `with`) releases the file descriptor."""
 
-    def __init__(self, path: str | os.PathLike, direct_io: bool | None = None):
+    def __init__(self, path: str | os.PathLike, direct_io: bool | None = None, read_stripes: int = 1):
+        """read_stripes > 1: split large plane reads into that many concurrent parts (StripedReads)."""
         self.path = Path(path)
         self.manifest = _load_manifest(self.path)
         data_path = self.path / DATA_NAME
@@ -79,7 +80,8 @@ class StoreReader:
             self._fd, self.direct = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC), False
         else:
             self._fd, self.direct = open_direct(data_path, required=bool(direct_io))
-        self._closer = weakref.finalize(self, os.close, self._fd)  # no fd leak even without close()
+        self._striped = StripedReads(read_stripes) if read_stripes > 1 else None
+        self._closer = weakref.finalize(self, _close, self._fd, self._striped)  # no fd leak even without close()
         self.max_sm_bytes = max((align_up(e.sm.length) for e in self.entries.values()), default=0)
         self.max_e_region_bytes = max((align_up(e.e_length) for e in self.entries.values()), default=0)
 
@@ -146,6 +148,8 @@ class StoreReader:
         if not self._closer.alive:
             raise ZipMoEError(f"store {self.path} is closed")
         try:
+            if self._striped is not None:
+                return self._striped.read_into(self._fd, offset, length, buf)
             return read_direct_into(self._fd, offset, length, buf)
         except EOFError as exc:
             raise DataFileSizeError(
@@ -222,7 +226,7 @@ class StoreReader:
         self._verified.add(name)
 
     def close(self) -> None:
-        """Close the data file descriptor (idempotent)."""
+        """Close the data file descriptor and join the stripe threads (idempotent)."""
         self._closer()
 
     def __enter__(self) -> StoreReader:
@@ -274,6 +278,12 @@ def _check_present(root: Path, name: str, size: int) -> None:
         raise FileSizeError(
             f"store {root}: {name} is {actual} bytes, the manifest records {size} — {CORRUPT_HINT}"
         )
+
+
+def _close(fd: int, striped: StripedReads | None) -> None:
+    if striped is not None:
+        striped.close()  # first: no part may still be reading from fd
+    os.close(fd)
 
 
 def _verify_chunk(entry: ExpertEntry, plane: str, chunk: ChunkRef, view: Any) -> None:
