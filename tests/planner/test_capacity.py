@@ -113,7 +113,7 @@ def test_plan_fits_and_beats_single_pool_layouts(fraction):
     snap, b = snapshot(), budget(fraction)
     p = plan(snap, GEOM, COSTS, W, b, per_call=4)
     check_fits(p, b)
-    model = LayerModel(state_tasks(GEOM, COSTS), W, per_call=4)
+    model = LayerModel(state_tasks(GEOM, COSTS), W, per_call=4, mode="schedule")  # what plan() uses at top-4
     per_layer = b // LAYERS
     for pool in range(4):  # every byte in one pool, hottest ranks first
         sizes = [0, 0, 0, 0]
@@ -136,16 +136,35 @@ def test_slow_disk_covers_more_experts_and_slow_decode_prefers_f():
     assert d[State.F] + d[State.C] > max_f  # even disk-free coverage (F + C) beats all-F
 
 
-def test_schedule_mode_agrees_with_bound_mode_choice():
-    """On a small case, the layout chosen under the bound is near-optimal under the real scheduler."""
+def test_bound_mode_choice_stays_within_its_known_gap_and_auto_mode_closes_it():
+    """Fused E/MISS tails make the closed-form bound underprice decode-heavy states: on this small case its
+    layout costs 21 % more under the real scheduler than schedule mode's. That gap is why mode 'auto' plans
+    batch 1 (a fixed, small per-call count) with the scheduler; the bound still plans batches."""
     snap = RankSnapshot((0,), profile_curves("qwen1.5-moe-a2.7b", 1, 16, top_k=2), (100.0,))
     geom = ExpertGeometry.of(1 << 20, 1 << 20, 340_000, k=2)
     costs = CostModel(1e9, 1e-4, 5e8, 6e9, 2e-4)
     b = int(0.3 * 16 * geom.entry_bytes[0])
-    by_bound = plan(snap, geom, costs, 3, b, per_call=2, grid=4)
+    by_bound = plan(snap, geom, costs, 3, b, per_call=2, mode="bound", grid=4)
     by_sched = plan(snap, geom, costs, 3, b, per_call=2, mode="schedule", grid=4)
     exact = LayerModel(state_tasks(geom, costs), 3, per_call=2, mode="schedule")
-    assert exact.expected(0, snap.curves[0], by_bound.sizes[0]) <= 1.05 * by_sched.predicted_s
+    assert exact.expected(0, snap.curves[0], by_bound.sizes[0]) <= 1.25 * by_sched.predicted_s
+    assert plan(snap, geom, costs, 3, b, per_call=2, grid=4).sizes == by_sched.sizes
+
+
+def test_auto_mode_prices_batch_one_with_the_scheduler_and_batches_with_the_bound():
+    snap, b = snapshot(), budget(0.3)
+    exact = LayerModel(state_tasks(GEOM, COSTS), W, per_call=4, mode="schedule")
+    p = plan(snap, GEOM, COSTS, W, b, per_call=4)
+    assert p.predicted_s == pytest.approx(sum(exact.expected(i, snap.curves[i], p.sizes[i]) for i in range(LAYERS)))
+    bound = LayerModel(state_tasks(GEOM, COSTS), W, per_call=None)
+    q = plan(snap, GEOM, COSTS, W, b, per_call=None)
+    assert q.predicted_s == pytest.approx(sum(bound.expected(i, snap.curves[i], q.sizes[i]) for i in range(LAYERS)))
+
+
+def test_fused_pricing_is_what_the_engine_runs():
+    tasks = state_tasks(GEOM, COSTS)
+    assert all(tasks[st].merge_s == 0 for st in HIT_STATES), "the engine decodes every load fused: no merge job"
+    assert state_tasks(GEOM, COSTS, fused=False)[State.MISS].merge_s > 0
 
 
 def test_refinement_gives_skewed_layers_more_f():

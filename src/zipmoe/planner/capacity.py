@@ -35,6 +35,7 @@ from zipmoe.scheduler.tasks import CostModel
 from zipmoe.types import State
 
 _TIE = 1e-9  # relative difference below which two expectations count as equal
+SCHEDULE_MAX_PER_CALL = 8  # mode "auto": price each hit combination with the real scheduler up to this many experts
 Sizes = tuple[int, int, int, int]  # ranks given to F, C, S, E (in rank order) in one layer
 
 
@@ -115,13 +116,15 @@ class _Objective:
 
 def plan(
     snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, workers: int, budget_bytes: int, *,
-    per_call: int | None = None, mode: str = "bound", grid: int = 8, refine: bool = True,
+    per_call: int | None = None, mode: str = "auto", grid: int = 8, refine: bool = True,
 ) -> PoolPlan:
     """The pool layout with the least expected layer makespan that fits `budget_bytes` of expert pools.
 
     per_call: experts needed per layer call when it is fixed (batch 1: top_k) — conditions the hit
-    distribution on it; None for batches (the number of distinct experts varies). mode: 'bound' or
-    'schedule' (makespan.py). grid: coarse grid points per axis of the first phase.
+    distribution on it; None for batches (the number of distinct experts varies). mode: 'bound',
+    'schedule' (makespan.py) or 'auto': schedule when per_call is fixed and at most SCHEDULE_MAX_PER_CALL
+    (few hit combinations, each priced by the real scheduler), else bound. grid: coarse grid points per
+    axis of the first phase.
     """
     if budget_bytes < 0:
         raise ZipMoEError(f"budget_bytes must be >= 0, got {budget_bytes}")
@@ -136,7 +139,7 @@ def plan(
 
 def replan(
     old: PoolPlan, snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, workers: int, *,
-    per_call: int | None = None, mode: str = "bound",
+    per_call: int | None = None, mode: str = "auto",
 ) -> PoolPlan:
     """A plan for new curves with the same pool totals as `old` (the cache needs no resizing): only
     the per-layer rank ranges move. Run it on a background thread and swap the admission's plan."""
@@ -156,6 +159,8 @@ def _objective(snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, w
             f"no routing statistics for MoE layers {empty[:8]}: observe some steps first, or seed "
             "RoutingStats with a prior (profile_io.profile_curves + stats.seed_from_curves)")
     curves = np.vstack([snapshot.curves, snapshot.curves.mean(axis=0, keepdims=True)])
+    if mode == "auto":
+        mode = "schedule" if per_call is not None and per_call <= SCHEDULE_MAX_PER_CALL else "bound"
     return _Objective(LayerModel(state_tasks(geom, costs), workers, per_call=per_call, mode=mode), curves)
 
 

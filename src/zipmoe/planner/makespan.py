@@ -6,7 +6,10 @@ objective capacity.py minimises. Two makespan models per hit combination (f, c, 
     one shape, vectorised over every combination at once. The scheduler's plans sit close to it
     (tests/planner measure the gap), and it is what makes a full capacity search take well under 1 s.
   * "schedule": the makespan of scheduler.schedule()'s actual plan, memoised per combination; exact
-    for our scheduler but ~ms per new combination (fine at batch 1 with the exact-k conditioning).
+    for our scheduler but ~ms per new combination (fine at batch 1 with the exact-k conditioning:
+    C(k+4, 4) combinations, 70 for top-4). The planner picks it whenever the per-call count is fixed
+    and small (capacity.py, mode "auto"): the closed-form bound underprices fused E/MISS tails, and
+    its choice came out 21 % slower than schedule mode's in one of five small cases.
 Pure numerics on the planning thread.
 
 # P=pools (F, C, S, E, miss) M=hit combinations W=decode workers; sizes in bytes, times in s
@@ -56,11 +59,10 @@ class ExpertGeometry:
         return cls(numel, sm_bytes, e_bytes, k, (2 * numel, sm + e, sm, e))
 
 
-def state_tasks(geom: ExpertGeometry, costs: CostModel, fused: bool = False) -> dict[State, ExpertTask]:
-    """The task one expert is in each state (placeholder keys). fused=True prices every load as the engine
-    now runs it (no merge job; E/MISS shards wait for the SM read). The planner still plans with the
-    unfused model (default): with fused tasks its bound-mode choice drifted 21 % from schedule-mode's on
-    tests/planner's small case, and planning is off by default and not re-measured since."""
+def state_tasks(geom: ExpertGeometry, costs: CostModel, fused: bool = True) -> dict[State, ExpertTask]:
+    """The task one expert is in each state (placeholder keys). fused=True (default) prices every load as
+    the engine runs it: no merge job, and an E/MISS expert's shards wait for its SM read. fused=False is
+    the paper's model (a separate merge per expert)."""
     return {st: costs.task(ExpertKey(-1, int(st)), st, geom.sm_bytes, geom.e_bytes, geom.numel, geom.k,
                            fused=fused and st is not State.F)
             for st in HIT_STATES}
