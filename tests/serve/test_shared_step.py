@@ -29,6 +29,7 @@ class FakeSource:
     def __init__(self, fail_at: tuple[int, int] | None = None, skip: int | None = None, with_hint: bool = False):
         self.fail_at, self.skip = fail_at, skip  # raise at (layer, expert) / never yield this expert
         self.calls: list[tuple[int, list[int]]] = []
+        self.tokens: list[list[int] | None] = []  # the token counts each call was given
         self.hints: list[tuple[int, list[int]]] = []
         self.threads: set[str] = set()
         self.buf = torch.zeros(4)
@@ -38,6 +39,7 @@ class FakeSource:
     def experts(self, layer: int, needed: Sequence[int],
                 tokens: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         self.calls.append((layer, list(needed)))
+        self.tokens.append(None if tokens is None else list(tokens))
         self.threads.add(threading.current_thread().name)
         for e in needed:
             if (layer, e) == self.fail_at:
@@ -52,7 +54,8 @@ class FakeSource:
 
 
 def forward(shared: SharedExperts, plan: Sequence[tuple[int, list[int]]], pause: float = 0.002,
-            fail_after: int | None = None, hint: list[int] | None = None) -> Callable[[], list]:
+            fail_after: int | None = None, hint: list[int] | None = None,
+            tokens: int | None = None) -> Callable[[], list]:
     """A stand-in for one request's forward: per MoE layer, ask for `needed` and "compute" with each expert."""
 
     def step() -> list[tuple[int, int]]:
@@ -60,7 +63,8 @@ def forward(shared: SharedExperts, plan: Sequence[tuple[int, list[int]]], pause:
         for layer, needed in plan:
             if hint is not None:
                 shared.hint(layer + 1, hint)
-            for e, gate_up, _ in shared.experts(layer, needed):
+            counts = None if tokens is None else [tokens] * len(needed)
+            for e, gate_up, _ in shared.experts(layer, needed, counts):
                 time.sleep(pause)  # compute; the buffer must still hold this expert afterwards
                 assert gate_up[0].item() == e, "the source moved on before this request was done"
                 got.append((layer, e))
@@ -98,6 +102,19 @@ def test_one_load_per_layer_for_everyone_and_each_gets_its_experts():
     stats = shared.stats.snapshot()
     assert (stats["requested"], stats["loaded"], stats["layers"], stats["rounds"], stats["steps"]) == (11, 7, 2, 1, 3)
     assert stats["saved"] == 4
+
+
+def test_the_source_gets_each_experts_tokens_summed_over_the_round():
+    """LRFU weighs an access by its tokens: a shared load must not count an expert three requests use once."""
+    source = FakeSource()
+    shared = SharedExperts(source)
+    run_round(Batcher(shared), [forward(shared, plan, tokens=t) for plan, t in zip(PLANS, (1, 2, 4), strict=True)])
+    # layer 0: expert 0 <- request 0 (1); 1 <- all three (1 + 2 + 4); 3 <- request 1 (2)
+    assert source.tokens == [[1, 7, 2], [4, 3, 2, 5]]  # layer 1: 0 <- r2; 2 <- r0 + r1; 3 <- r1; 5 <- r0 + r2
+    source = FakeSource()
+    shared = SharedExperts(source)
+    run_round(Batcher(shared), [forward(shared, PLANS[0], tokens=1), forward(shared, PLANS[1])])
+    assert source.tokens == [None, None], "a request that gave no counts makes the round give none"
 
 
 def test_alone_the_step_runs_on_the_calling_thread_and_passes_through():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -73,14 +73,14 @@ class SharedExperts:
 
     def experts(self, layer: int, needed: Sequence[int], tokens: Sequence[int] | None = None) -> Iterator[Item]:
         """ExpertSource: the engine's own generator when alone, else the round's shared one (which loads
-        the union of the requests' experts without token counts: each counts once for the cache)."""
+        the union of the requests' experts, with each expert's tokens summed over them for the cache)."""
         rnd: _Round | None = getattr(self._local, "round", None)
         if rnd is None:
             self.stats.layers += 1
             self.stats.requested += len(needed)
             self.stats.loaded += len(needed)
             return self.source.experts(layer, needed, tokens)
-        return rnd.experts(self._local.pid, layer, needed)
+        return rnd.experts(self._local.pid, layer, needed, tokens)
 
     def _hint(self, layer: int, experts: list[int]) -> None:
         rnd: _Round | None = getattr(self._local, "round", None)
@@ -102,10 +102,12 @@ class SharedExperts:
 class _Arrival:
     """One request waiting at one MoE layer (guarded by the round's lock)."""
 
-    __slots__ = ("error", "hint", "item", "layer", "ready", "want")
+    __slots__ = ("error", "hint", "item", "layer", "ready", "tokens", "want")
 
-    def __init__(self, lock: threading.Lock, layer: int, want: set[int], hint: tuple[int, list[int]] | None):
+    def __init__(self, lock: threading.Lock, layer: int, want: set[int], hint: tuple[int, list[int]] | None,
+                 tokens: dict[int, int] | None):
         self.layer, self.want, self.hint = layer, want, hint  # want: experts not yet handed over
+        self.tokens = tokens  # expert -> tokens of this request routed to it (None: not told)
         self.ready = threading.Condition(lock)  # the driver handed over an item or an error
         self.item: Item | None = None  # handed over by the driver, not yet taken
         self.error: BaseException | None = None  # set by the driver: nothing more will come
@@ -133,9 +135,11 @@ class _Round:
         with self._lock:
             self._hints[pid] = (layer, list(experts))
 
-    def experts(self, pid: int, layer: int, needed: Sequence[int]) -> Iterator[Item]:
+    def experts(self, pid: int, layer: int, needed: Sequence[int],
+                tokens: Sequence[int] | None = None) -> Iterator[Item]:
+        counts = None if tokens is None else dict(zip(needed, tokens, strict=True))
         with self._lock:
-            a = _Arrival(self._lock, layer, set(needed), self._hints.pop(pid, None))
+            a = _Arrival(self._lock, layer, set(needed), self._hints.pop(pid, None), counts)
             if not a.want:
                 return
             if self._aborted is not None:
@@ -189,7 +193,7 @@ class _Round:
                 stats.layers += 1
                 stats.requested += sum(len(a.want) for a in members.values())
                 stats.loaded += len(union)
-                self._serve(source, layer, union, members)
+                self._serve(source, layer, union, _summed_tokens(union, members.values()), members)
         except BaseException as exc:  # a bug here must not leave request threads waiting forever
             self._abort(exc)
             raise
@@ -204,12 +208,13 @@ class _Round:
             layer = min(a.layer for a in self._arrived.values())
             return layer, {pid: a for pid, a in self._arrived.items() if a.layer == layer}
 
-    def _serve(self, source: ExpertSource, layer: int, union: list[int], members: dict[int, _Arrival]) -> None:
+    def _serve(self, source: ExpertSource, layer: int, union: list[int], tokens: list[int] | None,
+               members: dict[int, _Arrival]) -> None:
         hint = _merge_hints([a.hint for a in members.values() if a.hint is not None])
         if hint is not None and getattr(source, "hint", None) is not None:
             source.hint(*hint)
         error: Exception | None = None
-        gen = source.experts(layer, union)
+        gen = source.experts(layer, union, tokens)
         try:
             for item in gen:
                 with self._lock:
@@ -243,6 +248,18 @@ class _Round:
                 a.ready.notify()
             self._arrived.clear()
             self._owed.clear()
+
+
+def _summed_tokens(union: list[int], members: Iterable[_Arrival]) -> list[int] | None:
+    """Each expert's tokens over the round's requests (what the eviction policy weighs); None if any
+    request did not say (its source was called without counts)."""
+    total = dict.fromkeys(union, 0)
+    for a in members:
+        if a.tokens is None:
+            return None
+        for e, n in a.tokens.items():
+            total[e] += n
+    return [total[e] for e in union]
 
 
 def _merge_hints(hints: list[tuple[int, list[int]]]) -> tuple[int, list[int]] | None:
