@@ -12,6 +12,7 @@ W=workers K=exponent shards per expert n=weights of one expert; sizes in bytes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ from zipmoe.errors import ConversionError, UnsupportedModelError, ZipMoEError
 from zipmoe.models.base import ExpertPlan, ProjSource
 from zipmoe.models.plan import expert_tensor_plan
 from zipmoe.report import available_cores
-from zipmoe.store.format import DTYPE_SIZES, MANIFEST_NAME, TensorSpec
+from zipmoe.store.format import DTYPE_SIZES, TensorSpec
 from zipmoe.store.reader import StoreReader
 from zipmoe.store.writer import StoreWriter
 from zipmoe.types import ExpertKey
@@ -88,7 +89,7 @@ def convert(
         log.info("%s (adapter %s): %d experts in %d layers, %d dense tensors; coder %s, K=%d, %d workers",
                  plan.model_type, plan.adapter, len(plan.experts), len(plan.moe_layers), len(plan.dense),
                  exp_coder.codec_id, k, workers)
-        writer = _VerifiedWriter(
+        writer = StoreWriter(
             store_dir, codec_id=exp_coder.codec_id, k=k, model_type=plan.model_type,
             codec_params=exp_coder.params(), metadata={"converter": f"zipmoe {__version__}",
                                                         "source": ckpt.root.name},
@@ -100,8 +101,7 @@ def convert(
                 _write_experts(ckpt, plan, writer, exp_coder, k, workers, raw_keys, bar)
                 _write_dense(ckpt, plan, writer, bar)
                 writer.copy_files(p for name in AUX_FILES if (p := ckpt.root / name).is_file())
-            writer.show_progress = progress
-            return writer.finalize()
+            return writer.finalize(check=functools.partial(_verify_written, show_progress=progress))
         finally:
             writer.close()
     finally:
@@ -281,27 +281,17 @@ def _write_dense(ckpt: Checkpoint, plan: ExpertPlan, writer: StoreWriter, bar: A
                                  metadata={"format": "pt"})
 
 
-class _VerifiedWriter(StoreWriter):
-    """A StoreWriter whose finalize() renames the temp dir only after every checksum re-verifies.
-
-    finalize() writes the manifest in the temp dir, then calls _install(); we re-read the whole temp
-    store there first. On failure the manifest is removed, so the temp dir never looks like a store.
-    """
-
-    show_progress: bool = False  # a "verify" progress bar while re-reading
-
-    def _install(self) -> None:
-        try:
-            with StoreReader(self.tmp, direct_io=False) as reader:
-                total = sum(r.size for r in reader.manifest.files.values())
-                with _progress_bar(self.show_progress, total, "verify") as bar:
-                    reader.verify_all(progress=bar.update)
-                    bar.update(total - bar.n)  # the tail padding is checked but not reported
-        except ZipMoEError as exc:
-            (self.tmp / MANIFEST_NAME).unlink(missing_ok=True)
-            raise ConversionError(f"the written store failed verification, nothing was installed: {exc}. "
-                                  "Check the disk, then re-run the conversion") from None
-        super()._install()
+def _verify_written(tmp: Path, show_progress: bool) -> None:
+    """Re-read the whole finished temp store before it is installed (StoreWriter.finalize's check)."""
+    try:
+        with StoreReader(tmp, direct_io=False) as reader:
+            total = sum(r.size for r in reader.manifest.files.values())
+            with _progress_bar(show_progress, total, "verify") as bar:
+                reader.verify_all(progress=bar.update)
+                bar.update(total - bar.n)  # the tail padding is checked but not reported
+    except ZipMoEError as exc:
+        raise ConversionError(f"the written store failed verification, nothing was installed: {exc}. "
+                              "Check the disk, then re-run the conversion") from None
 
 
 def _progress_bar(enabled: bool, total: int | None, desc: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -66,6 +67,21 @@ def test_process_warm_up_replays_the_measured_workload(tmp_path: Path, monkeypat
     assert (spec["prompts"], spec["prompt_count"], spec["batches"], spec["new_tokens"]) == (
         prompts, args.prompts, args.batches, args.new_tokens)
     assert not list(tmp_path.iterdir()), "the scratch run file is removed"
+
+
+def test_the_process_warm_up_gets_a_quarter_of_the_deadline(suite: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full replay given the whole deadline would leave a resumed call no time to measure, forever."""
+    work = tmp_path / "w"
+    shutil.copytree(suite, work, ignore=shutil.ignore_patterns("runs"))
+    calls: list[tuple[str, float]] = []
+    monkeypatch.setattr(e2e, "_warm_process", lambda name, *a: calls.append((name, a[-2])))
+    args = [a if a != "3" else "2" for a in ARGS]  # other new-token count: fresh runs, not "skipped (done)"
+    t0 = time.time()
+    assert e2e.main(["--workdir", str(work), "--systems", "accelerate,zipmoe", "--deadline", "400", *args]) == 0
+    (name, until), = calls
+    assert name == "zipmoe", "the warm-up replays a system that runs in this process, not one isolated from it"
+    assert until <= t0 + 0.25 * 400 + 5
 
 
 def test_every_system_generates_the_same_tokens_and_every_metric_is_finite(suite: Path) -> None:

@@ -65,7 +65,8 @@ def test_closed_form_is_the_schedulers_lower_bound(fused):
 
 
 def test_bound_is_close_to_the_schedulers_plans():
-    """The default 'bound' model never exceeds the scheduler's makespan and stays close on average."""
+    """The closed-form bound (what plans batches) never exceeds the scheduler's makespan and stays close on
+    average, for the fused tasks the engine runs."""
     rng = np.random.default_rng(1)
     ratios = []
     for _ in range(60):
@@ -73,7 +74,7 @@ def test_bound_is_close_to_the_schedulers_plans():
         counts = tuple(int(x) for x in rng.multinomial(int(rng.integers(1, 7)), [0.2] * 5))
         ratios.append(scheduled_makespan(counts, tasks, w) / makespan_bound(np.array([counts]), tasks, w)[0])
     assert min(ratios) >= 1 - 1e-9
-    assert np.mean(ratios) < 1.15  # measured ≈ 1.04 (p90 ≈ 1.15)
+    assert np.mean(ratios) < 1.15  # measured ≈ 1.03 (p90 ≈ 1.10, worst 1.35); unfused: 1.04 (1.16)
 
 
 def test_expected_makespan_matches_monte_carlo():

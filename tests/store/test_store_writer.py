@@ -62,6 +62,24 @@ def test_abandoned_writer_never_loads_and_rerun_resumes(tmp_path, experts, prist
     assert store_files(dest) == store_files(pristine_store)  # resumed == written in one go, byte for byte
 
 
+def test_a_failing_check_installs_nothing_and_leaves_no_manifest(tmp_path, experts):
+    dest = tmp_path / "store"
+    w = new_writer(dest)
+    add_experts(w, experts)
+    add_rest(w, tmp_path)
+    seen: list[Path] = []
+
+    def check(tmp: Path) -> None:
+        seen.append(tmp)
+        StoreReader(tmp).close()  # the finished temp store is complete when the check runs
+        raise ConversionError("simulated: the re-read found a bad chunk")
+
+    with pytest.raises(ConversionError, match="simulated"):
+        w.finalize(check=check)
+    assert seen == [tmp_of(dest)] and not dest.exists()
+    assert_not_loadable(tmp_of(dest))
+
+
 def test_resume_drops_experts_whose_bytes_no_longer_verify(tmp_path, experts, pristine_store):
     dest = tmp_path / "store"
     w = new_writer(dest)

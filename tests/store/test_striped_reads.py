@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zipmoe.errors import ZipMoEError
 from zipmoe.store import aligned, reader
 from zipmoe.store.aligned import ALIGN, StripedReads, aligned_buffer, open_direct, read_direct_into, span_bytes
+from zipmoe.store.format import DataFileSizeError
 from zipmoe.store.reader import StoreReader
 
 
@@ -100,3 +102,51 @@ def test_store_reads_striped_equal_whole_reads_and_close_joins_the_threads(prist
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(Exception, match="stripes >= 2"):
         StripedReads(1)
+
+
+def test_concurrent_callers_each_get_their_own_helpers(data_file, monkeypatch) -> None:
+    """The engine's two I/O threads and its prefetcher read at once: one read's parts must not queue behind
+    another's (that would leave its last part running alone, which striping exists to avoid)."""
+    path, _ = data_file
+    fd, _ = open_direct(path)
+    all_parts = threading.Barrier(6, timeout=20)  # passes only if 3 reads × 2 parts are in flight at once
+    real = aligned.read_direct_into
+
+    def slow(fd_: int, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
+        all_parts.wait()
+        return real(fd_, offset, length, buf)
+
+    monkeypatch.setattr(aligned, "read_direct_into", slow)
+    striped = StripedReads(2, min_part=ALIGN, callers=3)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            striped.read_into(fd, 0, 64 * ALIGN, aligned_buffer(64 * ALIGN))
+        except BaseException as exc:  # asserted on below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=one) for _ in range(3)]
+    try:
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
+        assert not errors, f"the six parts were never in flight together: {errors[0]!r}"
+    finally:
+        striped.close()
+        os.close(fd)
+
+
+def test_striped_store_reads_fail_like_whole_ones(store, monkeypatch) -> None:
+    """A file truncated under an open store: DataFileSizeError naming the expert; a read racing close():
+    the "store is closed" error, not the thread pool's RuntimeError."""
+    monkeypatch.setattr(reader, "StripedReads", functools.partial(StripedReads, min_part=ALIGN))
+    with StoreReader(store, read_stripes=2) as r:
+        entry = max(r.entries.values(), key=lambda e: e.sm.offset + e.sm.length)
+        os.truncate(store / "experts.bin", entry.sm.offset + entry.sm.length // 2)
+        with pytest.raises(DataFileSizeError, match=str(entry.key.expert)):
+            r.read_sm_into(entry, r.new_sm_buffer())
+        r._striped.close()  # what a concurrent close() does first
+        with pytest.raises(ZipMoEError, match="closed"):
+            r.read_sm_into(entry, r.new_sm_buffer())

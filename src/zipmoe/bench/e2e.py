@@ -38,6 +38,7 @@ from zipmoe.config import parse_size
 from zipmoe.errors import ZipMoEError
 
 SCHEMA = 1  # version of the run JSON layout
+WARM_SHARE = 0.25  # of --deadline the process warm-up may use (a resumed call must still make progress)
 
 
 def _budgets(values: list[str]) -> list[float | None]:
@@ -133,9 +134,14 @@ def _run_batches(system: Any, spec: dict[str, Any], prompts: list, doc: dict, pa
     return "complete"
 
 
+def _needs_isolation(system_name: str, budget: Budget) -> bool:
+    """Systems that read through the page cache, at a budget that excludes part of the model."""
+    return system_name in ("accelerate", "llama.cpp") and budget.nbytes is not None
+
+
 def _isolation(system_name: str, mode: str, budget: Budget, setup: Setup, slack: int) -> tuple[str, Any]:
     """(page-cache note, cgroup or None) for one run; O_DIRECT and all-resident systems need nothing."""
-    if system_name not in ("accelerate", "llama.cpp") or budget.nbytes is None:
+    if not _needs_isolation(system_name, budget):
         return "", None
     if mode != "inline" and (why := cgroup_unavailable()) is None:
         cg = MemoryCgroup(budget.nbytes + slack)
@@ -209,10 +215,12 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
             if time.time() > deadline - 0.05 * args.deadline:
                 statuses[run_id] = "not started (deadline)"
                 continue
-            note, cgroup = _isolation(name, args.isolation, budget, setup, parse_size(args.cgroup_slack))
-            if warm and cgroup is None and args.isolation != "process":
-                _warm_process(name, setup, budget, prompts, args, vocab, deadline, runs_dir)
+            if warm and not _needs_isolation(name, budget) and args.isolation != "process":
+                warm_until = min(deadline, time.time() + WARM_SHARE * args.deadline)
+                _warm_process(name, setup, budget, prompts, args, vocab, warm_until, runs_dir)
                 warm = False
+            # after the warm-up: dropping the page cache for a system that needs it must come last
+            note, cgroup = _isolation(name, args.isolation, budget, setup, parse_size(args.cgroup_slack))
             spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
                     "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
                     "prompt_count": args.prompts, "batches": args.batches, "new_tokens": args.new_tokens,
@@ -230,8 +238,10 @@ def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argpa
     first time a thread meets each (batch, query length, key length), about 8 ms per attention call on the
     device: the first system of a process ran 20–40 % slower for its whole run (its gaps between MoE layers
     were 50–85 ms longer per step; scripts/first_engine.py, BENCHMARKS.md fourth session), and the suite's
-    fixed order charged that to zipmoe. After the replay every system meets shapes the process has seen."""
+    fixed order charged that to zipmoe. After the replay every system meets shapes the process has seen.
+    It stops at `deadline` (the caller gives it WARM_SHARE of the call), leaving the rest to the runs."""
     path = runs_dir / "_warm-process.scratch"
+    path.unlink(missing_ok=True)  # one left by a killed call would resume, skipping its shapes
     spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
             "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
             "prompt_count": args.prompts, "batches": args.batches, "new_tokens": args.new_tokens, "warmup": 1,

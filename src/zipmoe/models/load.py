@@ -97,7 +97,7 @@ def load(
     freeze_loaded_objects()  # the pending full GC pass happens now, not in the first request (engine/heap.py)
     reader = None
     try:
-        reader = StoreReader(store, direct_io=direct_io, read_stripes=read_stripes)
+        reader = StoreReader(store, direct_io=direct_io, read_stripes=read_stripes, readers=io_threads + 1)
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
                      experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch, preload,
                      progress=_Stages(progress))

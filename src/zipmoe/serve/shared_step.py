@@ -137,7 +137,11 @@ class _Round:
 
     def experts(self, pid: int, layer: int, needed: Sequence[int],
                 tokens: Sequence[int] | None = None) -> Iterator[Item]:
-        counts = None if tokens is None else dict(zip(needed, tokens, strict=True))
+        counts: dict[int, int] | None = None
+        if tokens is not None:
+            counts = dict.fromkeys(needed, 0)
+            for e, n in zip(needed, tokens, strict=True):
+                counts[e] += n
         with self._lock:
             a = _Arrival(self._lock, layer, set(needed), self._hints.pop(pid, None), counts)
             if not a.want:

@@ -121,15 +121,18 @@ class StripedReads:
     2 × min_part bytes are read whole (short reads gain nothing).
     """
 
-    def __init__(self, stripes: int, min_part: int = 4 << 20):
-        if stripes < 2 or min_part < ALIGN:
-            raise ZipMoEError(f"striped reads need stripes >= 2 and min_part >= {ALIGN}, got {stripes}, {min_part}")
+    def __init__(self, stripes: int, min_part: int = 4 << 20, callers: int = 1):
+        """callers: threads that may read at once (each gets its own stripes - 1 helpers, so one read's parts
+        never queue behind another's)."""
+        if stripes < 2 or min_part < ALIGN or callers < 1:
+            raise ZipMoEError(f"striped reads need stripes >= 2, min_part >= {ALIGN} and callers >= 1, got "
+                              f"{stripes}, {min_part}, {callers}")
         self.stripes, self.min_part = stripes, min_part
-        self._pool = ThreadPoolExecutor(max_workers=stripes - 1, thread_name_prefix="zipmoe-stripe")
+        self._pool = ThreadPoolExecutor(max_workers=(stripes - 1) * callers, thread_name_prefix="zipmoe-stripe")
 
     def read_into(self, fd: int, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
         """read_direct_into(fd, offset, length, buf), striped; the same contract and errors. No part is
-        still writing into buf when this returns or raises."""
+        still writing into buf when this returns or raises. RuntimeError once closed."""
         start = offset - offset % ALIGN
         span = align_up(offset + length) - start
         parts = min(self.stripes, span // self.min_part)
@@ -138,12 +141,14 @@ class StripedReads:
         if buf.ndim != 1 or buf.nbytes < span:
             raise ValueError(f"read of {length} bytes at {offset} needs a buffer of {span} bytes, got {buf.shape}")
         cuts = [start + span * i // parts // ALIGN * ALIGN for i in range(parts)] + [offset + length]
-        helpers = [self._pool.submit(read_direct_into, fd, cuts[i], cuts[i + 1] - cuts[i], buf[cuts[i] - start:])
-                   for i in range(1, parts)]
+        helpers = []
         try:
+            for i in range(1, parts):
+                helpers.append(self._pool.submit(read_direct_into, fd, cuts[i], cuts[i + 1] - cuts[i],
+                                                 buf[cuts[i] - start:]))
             read_direct_into(fd, offset, cuts[1] - offset, buf)
         finally:
-            failures = [f.exception() for f in helpers]  # waits for every part
+            failures = [f.exception() for f in helpers]  # waits for every part submitted
         for exc in failures:
             if exc is not None:
                 raise exc

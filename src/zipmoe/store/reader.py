@@ -60,8 +60,12 @@ class ExpertBytes:
 class StoreReader:
     """A validated, open store. Thread-safe reads; close() (or `with`) releases the file descriptor."""
 
-    def __init__(self, path: str | os.PathLike, direct_io: bool | None = None, read_stripes: int = 1):
-        """read_stripes > 1: split large plane reads into that many concurrent parts (StripedReads)."""
+    def __init__(self, path: str | os.PathLike, direct_io: bool | None = None, read_stripes: int = 1,
+                 readers: int = 1):
+        """read_stripes > 1: split large plane reads into that many concurrent parts (StripedReads);
+        readers: how many threads will read at once (the engine: its I/O threads + the prefetcher)."""
+        if read_stripes < 1:
+            raise ZipMoEError(f"read_stripes must be >= 1 (1: whole reads), got {read_stripes}")
         self.path = Path(path)
         self.manifest = _load_manifest(self.path)
         data_path = self.path / DATA_NAME
@@ -80,7 +84,7 @@ class StoreReader:
             self._fd, self.direct = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC), False
         else:
             self._fd, self.direct = open_direct(data_path, required=bool(direct_io))
-        self._striped = StripedReads(read_stripes) if read_stripes > 1 else None
+        self._striped = StripedReads(read_stripes, callers=readers) if read_stripes > 1 else None
         self._closer = weakref.finalize(self, _close, self._fd, self._striped)  # no fd leak even without close()
         self.max_sm_bytes = max((align_up(e.sm.length) for e in self.entries.values()), default=0)
         self.max_e_region_bytes = max((align_up(e.e_length) for e in self.entries.values()), default=0)
@@ -151,6 +155,8 @@ class StoreReader:
             if self._striped is not None:
                 return self._striped.read_into(self._fd, offset, length, buf)
             return read_direct_into(self._fd, offset, length, buf)
+        except RuntimeError:  # the stripe pool was shut down by a close() racing this read
+            raise ZipMoEError(f"store {self.path} is closed") from None
         except EOFError as exc:
             raise DataFileSizeError(
                 f"{entry.key} {plane} at offset {offset}: {DATA_NAME} {exc} (truncated "

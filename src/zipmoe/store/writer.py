@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -315,8 +315,11 @@ class StoreWriter:
         with self._failing_closes(f"syncing {name}"):
             self._files[name] = file_record(self.tmp / name, fsync=True)
 
-    def finalize(self) -> Path:
-        """fsync everything, write the manifest last, rename the temp dir onto dest; returns dest."""
+    def finalize(self, check: Callable[[Path], None] | None = None) -> Path:
+        """fsync everything, write the manifest last, rename the temp dir onto dest; returns dest.
+
+        check(temp_dir), if given, runs on the finished temp store before it is installed; if it raises, the
+        manifest is removed again (the temp dir never looks like a store) and nothing is installed."""
         if CONFIG_NAME not in self._files:
             raise ConversionError(
                 "a store needs the model's config.json: add it with copy_files() or add_file_bytes()"
@@ -345,6 +348,12 @@ class StoreWriter:
             self._close_files()
             (self.tmp / JOURNAL_NAME).unlink()
             fsync_dir(self.tmp)
+            if check is not None:
+                try:
+                    check(self.tmp)
+                except BaseException:
+                    (self.tmp / MANIFEST_NAME).unlink(missing_ok=True)
+                    raise
             self._install()
         self.close()
         return self.dest
