@@ -164,12 +164,12 @@ def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens
 
 
 def warm_shapes(model, override, cfg: dict, args, batches: list[tuple[int, int]]) -> float:
-    """Run every measured shape (batch × prompt length × new tokens) once, untimed, on a model that is then
-    unloaded; returns the seconds it took. On CUDA, torch's cuDNN attention builds an execution graph the
-    first time a thread meets each (batch, query length, key length): about 8 ms per attention call on the
-    device, so a process's first decode of each length ran 50 ms per step slower on a 6-layer model
-    (scripts/first_engine.py). Plain transformers pays the same. Paying it here, before any measured run,
-    compares every system in the state of a process that has served these shapes before."""
+    """Run every measured shape (batch × prompt length × new tokens) once, untimed, on a model (the default
+    system) that is then unloaded; returns the seconds it took. On CUDA, torch's cuDNN attention builds an
+    execution graph the first time a thread meets each (batch, query length, key length): about 7 ms per
+    attention call on the device, so a process's first decode of each length ran ~45 ms per step slower on a
+    6-layer model (scripts/first_engine.py). Plain transformers pays the same. Paying it here, before any
+    measured run, compares every system in the state of a process that has served these shapes before."""
     t0 = time.perf_counter()
     try:
         for i, (batch, new) in enumerate(batches):
@@ -237,8 +237,9 @@ def run(args) -> dict:
         if name not in SYSTEMS:
             raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
     if runs and args.warm_shapes and args.device == "cuda":
-        result["warm_shapes_s"] = warm_shapes(load_system(runs[0][0], float(runs[0][1]))[0], override, cfg,
-                                              args, batches)
+        # the default system: a planned one would save routing statistics that later planned runs start from
+        result["warm_shapes_s"] = warm_shapes(load_system("zipmoe", float(runs[0][1]))[0], override, cfg, args,
+                                              batches)
     for name, frac_s in runs:
         frac = float(frac_s)
         model, extra = load_system(name, frac)
