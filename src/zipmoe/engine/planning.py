@@ -38,7 +38,7 @@ class PlannedPools:
         experts = len({k.expert for k in entries})
         self.top_k, self.workers = top_k, workers
         self.geometry = store_geometry(reader)
-        self.profile = profile_machine(store, device)
+        self.profile = profile_machine(store, device, read_stripes=reader.read_stripes)
         self.costs: CostModel = self.profile.cost_model()
         stats = load_stats(self._path, self._fingerprint, layers, experts)
         if stats is None:

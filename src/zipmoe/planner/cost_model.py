@@ -32,13 +32,13 @@ from zipmoe.errors import ZipMoEError
 from zipmoe.planner.makespan import ExpertGeometry
 from zipmoe.planner.profile_io import store_fingerprint
 from zipmoe.scheduler.tasks import CostModel
-from zipmoe.store.aligned import ALIGN, aligned_buffer, open_direct, read_direct_into
+from zipmoe.store.aligned import ALIGN, StripedReads, aligned_buffer, open_direct, read_direct_into
 from zipmoe.store.format import DATA_NAME, ExpertEntry
 from zipmoe.store.reader import StoreReader
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1  # bump when what is measured changes; other versions are re-measured
+PROFILE_VERSION = 2  # bump when what is measured changes; other versions are re-measured (2: striped reads)
 MAX_AGE_S = 7 * 86400.0  # a cached profile older than this is measured again
 _PHASE_S = {"latency": 0.25, "bandwidth": 1.5, "decode": 1.2, "merge": 0.4}  # time caps per phase
 _BW_BYTES = 512 << 20  # stop the bandwidth phase after this many bytes
@@ -95,20 +95,22 @@ def cache_path() -> Path:
 def profile_machine(
     store: str | os.PathLike, device: str = "cpu", *, compute_s: Callable[[], float] | float | None = None,
     cache: str | os.PathLike | None = None, max_age_s: float = MAX_AGE_S, force: bool = False,
+    read_stripes: int = 2,
 ) -> MachineProfile:
     """This machine's rates on `store`: the cached entry when fresh, else measured (≤ ~4 s) and cached.
 
     compute_s: seconds of compute per expert, or a callable the engine supplies that measures it on
-    the device (called only when measuring); a number always overrides the cached value.
+    the device (called only when measuring); a number always overrides the cached value. read_stripes: as
+    the engine reads (StoreReader(read_stripes)), so the disk rate is the one its channel gets.
     """
     path = Path(cache) if cache is not None else cache_path()
     root, fp = str(Path(store).resolve()), store_fingerprint(store)
-    key = f"{root}|{device}"
+    key = f"{root}|{device}|stripes={read_stripes}"
     entries = _read_cache(path)
     hit = None if force else _fresh(entries.get(key), fp, max_age_s)
     if hit is None:
         probe = compute_s if callable(compute_s) else None
-        hit = measure(store, device, probe)
+        hit = measure(store, device, probe, read_stripes=read_stripes)
         entries[key] = {"version": PROFILE_VERSION, **dataclasses.asdict(hit)}
         _write_cache(path, entries)
         log.info("%s", hit.describe())
@@ -154,8 +156,8 @@ def _write_cache(path: Path, entries: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def measure(store: str | os.PathLike, device: str = "cpu",
-            compute_probe: Callable[[], float] | None = None) -> MachineProfile:
+def measure(store: str | os.PathLike, device: str = "cpu", compute_probe: Callable[[], float] | None = None,
+            read_stripes: int = 2) -> MachineProfile:
     """Measure every rate now (no cache); see the module docstring."""
     t0 = time.perf_counter()
     with StoreReader(store) as reader:
@@ -167,7 +169,7 @@ def measure(store: str | os.PathLike, device: str = "cpu",
         fd, direct = open_direct(reader.path / DATA_NAME)  # our own fd: the reader's is its business
         try:
             latency = _latency(fd, rng)
-            bandwidth = _bandwidth(fd, sample, reader.max_sm_bytes, latency)
+            bandwidth = _bandwidth(fd, sample, reader.max_sm_bytes, latency, read_stripes)
         finally:
             os.close(fd)
         decode, merge = _decode_and_merge(reader, sample)
@@ -192,18 +194,25 @@ def _latency(fd: int, rng: np.random.Generator) -> float:
     return float(np.median(times))
 
 
-def _bandwidth(fd: int, sample: list[ExpertEntry], max_sm_bytes: int, latency: float) -> float:
-    """Bytes per s of whole SM-plane reads, the per-request latency taken out."""
+def _bandwidth(fd: int, sample: list[ExpertEntry], max_sm_bytes: int, latency: float, stripes: int = 1) -> float:
+    """Bytes per s of whole SM-plane reads one after another, each split in `stripes` parts as the engine
+    reads them, the per-request latency taken out."""
     buf = aligned_buffer(max_sm_bytes + 2 * ALIGN)
+    striped = StripedReads(stripes) if stripes > 1 else None
+    read = striped.read_into if striped is not None else read_direct_into
     done = reads = 0
     spent = 0.0
-    for entry in sample * max(1, -(-4 // len(sample))):  # at least 4 reads even on a tiny store
-        t = time.perf_counter()
-        read_direct_into(fd, entry.sm.offset, entry.sm.length, buf)
-        spent += time.perf_counter() - t
-        done, reads = done + entry.sm.length, reads + 1
-        if (spent > _PHASE_S["bandwidth"] or done > _BW_BYTES) and reads >= 4:
-            break
+    try:
+        for entry in sample * max(1, -(-4 // len(sample))):  # at least 4 reads even on a tiny store
+            t = time.perf_counter()
+            read(fd, entry.sm.offset, entry.sm.length, buf)
+            spent += time.perf_counter() - t
+            done, reads = done + entry.sm.length, reads + 1
+            if (spent > _PHASE_S["bandwidth"] or done > _BW_BYTES) and reads >= 4:
+                break
+    finally:
+        if striped is not None:
+            striped.close()
     return done / max(spent - reads * latency, 0.5 * spent, 1e-9)
 
 

@@ -84,6 +84,7 @@ class StoreReader:
             self._fd, self.direct = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC), False
         else:
             self._fd, self.direct = open_direct(data_path, required=bool(direct_io))
+        self.read_stripes = read_stripes
         self._striped = StripedReads(read_stripes, callers=readers) if read_stripes > 1 else None
         self._closer = weakref.finalize(self, _close, self._fd, self._striped)  # no fd leak even without close()
         self.max_sm_bytes = max((align_up(e.sm.length) for e in self.entries.values()), default=0)
