@@ -57,8 +57,8 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-fifo": {"eviction": "fifo"},
     "zipmoe-marking": {"eviction": "marking"},
     "zipmoe-1io": {"io_threads": 1},
-    "zipmoe-nostripe": {"read_stripes": 1},  # whole-plane reads (before commit striping them)
-    "uncompressed-lru-nostripe": {"eviction": "lru", "read_stripes": 1},
+    "zipmoe-stripe2": {"read_stripes": 2},  # each plane read of >= 8 MiB in two concurrent parts
+    "uncompressed-lru-stripe2": {"eviction": "lru", "read_stripes": 2},
     "zipmoe-gil5ms": {"switch_interval_s": 0.005},
     "uncompressed-lru": {"eviction": "lru"},
 }

@@ -58,7 +58,7 @@ def load(
     *,
     workers: int | None = None,
     io_threads: int = 2,
-    read_stripes: int = 2,
+    read_stripes: int = 1,
     eviction: str = "lrfu",
     staging_slots: int | None = None,
     direct_io: bool | None = None,
@@ -74,9 +74,10 @@ def load(
     """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
 
     workers: decode threads (default: cores − 1, at most 8); io_threads: threads of the read channel
-    (two keep a read in flight while the other hands its result on); read_stripes: each plane read of
-    8 MiB or more is split into this many concurrent parts, so even a layer's last read keeps two
-    requests at the disk (1: whole-plane reads). eviction: "lrfu" (decayed
+    (two keep a read in flight while the other hands its result on); read_stripes: split each plane read
+    of 8 MiB or more into this many concurrent parts, so even a layer's last read keeps several requests
+    at the disk (1, the default: whole-plane reads; whether 2 helps depends on the disk, measure it with
+    scripts/disk_probe.py). eviction: "lrfu" (decayed
     frequency with an admission filter, cache/policy.py), "lru", "lfu", "fifo" or "marking".
     memory_budget: everything the engine holds (dense weights, expert pools, staging), bytes or a
     string like "6GiB"; None = enough to keep every expert decoded. experts_implementation: the

@@ -95,7 +95,7 @@ def cache_path() -> Path:
 def profile_machine(
     store: str | os.PathLike, device: str = "cpu", *, compute_s: Callable[[], float] | float | None = None,
     cache: str | os.PathLike | None = None, max_age_s: float = MAX_AGE_S, force: bool = False,
-    read_stripes: int = 2,
+    read_stripes: int = 1,
 ) -> MachineProfile:
     """This machine's rates on `store`: the cached entry when fresh, else measured (≤ ~4 s) and cached.
 
@@ -157,7 +157,7 @@ def _write_cache(path: Path, entries: dict[str, Any]) -> None:
 
 
 def measure(store: str | os.PathLike, device: str = "cpu", compute_probe: Callable[[], float] | None = None,
-            read_stripes: int = 2) -> MachineProfile:
+            read_stripes: int = 1) -> MachineProfile:
     """Measure every rate now (no cache); see the module docstring."""
     t0 = time.perf_counter()
     with StoreReader(store) as reader:

@@ -117,8 +117,9 @@ class StripedReads:
     Why: a layer has only 2–3 plane reads, so its last one often runs alone on one I/O thread. On the device
     two 16 MiB streams read 2.24 GB/s, yet the uncompressed engine got ~1.57 GB/s while its reads were in
     flight, which fits a lone stream at ~1.0 GB/s (BENCHMARKS.md, fourth session; inferred, to be measured
-    with scripts/disk_probe.py). Split, even a lone read keeps two requests in the disk's queue. Spans under
-    2 × min_part bytes are read whole (short reads gain nothing).
+    with scripts/disk_probe.py). Split, even a lone read keeps two requests in the disk's queue. Disks
+    differ: on the dev machine one stream read as fast as two, so the engine stripes only when asked
+    (load(read_stripes=2)). Spans under 2 × min_part bytes are read whole (short reads gain nothing).
     """
 
     def __init__(self, stripes: int, min_part: int = 4 << 20, callers: int = 1):

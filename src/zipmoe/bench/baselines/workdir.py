@@ -39,12 +39,11 @@ def save_json(path: Path, doc: Any) -> None:
     tmp.replace(path)
 
 
-def disk_bandwidth(data_file: Path, chunk: int = 16 << 20, total: int = 1 << 30, threads: int = 4,
+def disk_bandwidth(data_file: Path, chunk: int = 16 << 20, total: int = 1 << 30, threads: int = 2,
                    passes: int = 3) -> float:
     """O_DIRECT read bandwidth (B/s) of a file: the best of `passes` passes, each reading whole chunks in
     random order (≤ total bytes, no chunk twice over all passes while the file has enough) with `threads`
-    readers at once: the requests the engine's I/O channel keeps at the disk (load(io_threads=2, read_stripes=2):
-    two I/O threads, each plane read in two parts; a prefetch read can add two more); only the reads are timed
+    readers at once, as the engine's I/O channel reads by default (load(io_threads=2)); only the reads are timed
     (files opened and buffers allocated first, the readers released together). The best pass, because the
     result is a lower bound's denominator: one 1 GiB pass on the device measured 1.6 GB/s in a call where
     the uncompressed engine then read at 6 % more than that (a run faster than its "bound"). Dirty pages are
