@@ -28,7 +28,7 @@ import torch
 import transformers
 
 from zipmoe.bench.baselines.base import PromptRouting, hook_routers  # every router class (issue 6)
-from zipmoe.bench.baselines.workdir import disk_bandwidth
+from zipmoe.bench.baselines.workdir import disk_bandwidth, routing_profile_for
 from zipmoe.bench.cachesim import PerAccessLRFU
 from zipmoe.bench.metrics import cuda_allocator_counts, trace_summary
 from zipmoe.bench.routing import RoutingSampler
@@ -196,6 +196,7 @@ def run(args) -> dict:
     cfg = json.loads((hf / "config.json").read_text())
     with StoreReader(stores["zipmoe"]) as r:
         n_entries = len(r.entries)
+        moe_layers = sorted({k.layer for k in r.entries})
         numel = next(iter(r.entries.values())).numel
         dense = sum(p.stat().st_size for p in r.dense_files())
         stored = r.expert_bytes.stored
@@ -205,8 +206,8 @@ def run(args) -> dict:
     result = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "experts": n_entries,
               "expert_bf16_bytes": expert_bf16, "stored_expert_bytes": stored, "dense_bytes": dense,
               "disk_bytes_per_s": bw, "workers": args.workers, "device": args.device, **timings, "runs": []}
-    sampler = RoutingSampler("qwen1.5-moe-a2.7b", cfg["num_experts"], cfg["num_experts_per_tok"],
-                             cfg["num_hidden_layers"], seed=args.seed)
+    sampler = RoutingSampler(routing_profile_for(args.shape), n_entries // len(moe_layers),
+                             cfg["num_experts_per_tok"], len(moe_layers), seed=args.seed, layer_ids=moe_layers)
     override = LookaheadRouting(PromptRouting(sampler))
     staging = 8 * numel * 8 + (1 << 24)
     batches = [(1, args.new_tokens)] + ([(args.big_batch, args.big_batch_tokens)] if args.big_batch > 0 else [])
@@ -263,7 +264,7 @@ def run(args) -> dict:
                     Path(args.profile).mkdir(parents=True, exist_ok=True)
                     (Path(args.profile) / f"profile-{name}-{frac}.txt").write_text(out.getvalue())
                 if engine is not None and engine.trace is not None:
-                    m["trace"] = trace_summary(engine.trace, cfg["num_hidden_layers"])
+                    m["trace"] = trace_summary(engine.trace, len(moe_layers))
                     engine.trace = None
                 pools, prefetcher = model.zipmoe_engine.pools, model.zipmoe_engine.prefetcher
                 if prefetcher is not None:

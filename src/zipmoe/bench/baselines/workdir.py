@@ -31,6 +31,11 @@ from zipmoe.store.aligned import aligned_buffer, open_direct, read_direct_into
 PROFILES = {"deepseek-v2-lite": "deepseek-v2-lite"}  # shape -> routing profile (default: Qwen1.5-MoE's)
 
 
+def routing_profile_for(shape: str) -> str:
+    """The measured routing profile (data/routing_profiles.json) the sampler uses for a synthetic shape."""
+    return PROFILES.get(shape, "qwen1.5-moe-a2.7b")
+
+
 def save_json(path: Path, doc: Any) -> None:
     """Write atomically (a killed call never leaves half a JSON)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +154,8 @@ def prepare_workdir(args: Any, need_raw: bool, need_offload: bool = False) -> tu
     eos = cfg.get("eos_token_id")
     setup = Setup(workdir=str(work), hf_dir=str(hf), stores={k: str(v) for k, v in stores.items()},
                   device=args.device, workers=args.workers or default_workers(),
-                  disk_bytes_per_s=measured["disk_bytes_per_s"], routing_profile=PROFILES.get(
-                      args.shape, "qwen1.5-moe-a2.7b"), seed=args.routing_seed,
+                  disk_bytes_per_s=measured["disk_bytes_per_s"], routing_profile=routing_profile_for(args.shape),
+                  seed=args.routing_seed,
                   pad_token_id=int(cfg.get("pad_token_id") or 0), experts_implementation=args.experts_implementation)
     model = {**json.loads((hf / "synthetic.json").read_text()), **{f"{k}_bytes": v for k, v in geometry.items()
                                                                   if k != "numel" and k != "entries"},
