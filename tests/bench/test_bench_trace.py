@@ -33,3 +33,15 @@ def test_trace_summary_splits_a_step_into_reads_gaps_and_tails():
     assert out["after_last_read_ms"] == pytest.approx(5.0)
     assert out["between_layers_ms_sum_per_step"] == pytest.approx((3.0 - 2.0 + 0.005) * 1e3)
     assert out["reads_sum_per_step"] == pytest.approx(2.0)
+
+
+def test_trace_summary_counts_prefetch_reads_into_disk_busy_time():
+    prefill = [_layer(0, 0.0, 1.0, [(0.0, 0.5)], 0.0), _layer(1, 1.1, 2.0, [(0.0, 0.5)], 1.1)]
+    # the step runs from the last prefill layer's end (2.0) to 3.0; the layers read 2.1–2.3, the
+    # prefetcher 2.25–2.45 and 2.9–3.2 (clipped at 3.0) and 1.5–1.9 (before the step: not counted)
+    step = [_layer(0, 2.05, 2.5, [(0.05, 0.25)], 2.05), _layer(1, 2.6, 3.0, [], 2.6)]
+    prefetch = [(1.5, 1.9), (2.25, 2.45), (2.9, 3.2)]
+    out = trace_summary(prefill + step, layers_per_step=2, prefetch_spans=prefetch)
+    assert out["disk_busy_share"] == pytest.approx((0.35 + 0.1) / 1.0)  # 2.1–2.45 and 2.9–3.0
+    assert out["prefetch_union_ms_sum_per_step"] == pytest.approx(300.0)  # 0.2 + 0.1 s in one step
+    assert trace_summary(prefill + step, layers_per_step=2)["disk_busy_share"] == pytest.approx(0.2)

@@ -247,15 +247,18 @@ def nonfinite_paths(obj: Any, path: str = "") -> list[str]:
     return []
 
 
-def trace_summary(trace: list, layers_per_step: int) -> dict:
+def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tuple[float, float]] = ()) -> dict:
     """Where a batch-1 run's decode-step time went, from Engine.trace (prefill's layer calls skipped):
     medians per MoE layer call in ms. `before_first_read`: from the layer asking for its experts to its
     first read (lookup, planning, thread hand-off); `read_union`: time some read of the layer was in
     flight; `after_last_read`: last read done → layer done (decode tail, H2D copy, compute of the last
     experts); `between_layers`: the previous layer done → this one asking (attention, router, shared
-    expert, Python; the first layer of a step also carries lm_head and generate()'s own work)."""
+    expert, Python; the first layer of a step also carries lm_head and generate()'s own work).
+    `disk_busy_share`: share of the decode steps' time with some read in flight, the layers' own and the
+    prefetcher's (`prefetch_spans`, perf_counter (start, end) pairs); `prefetch_union` per step."""
     calls = trace[layers_per_step:]
     rows = []
+    all_spans = list(prefetch_spans)
     for prev, cur in zip(trace[layers_per_step - 1 :], calls, strict=False):
         spans = sorted((r.started_at + x.io_start, r.started_at + x.io_end) for r in cur.runs for x in r.experts
                        if not np.isnan(x.io_start))
@@ -263,6 +266,7 @@ def trace_summary(trace: list, layers_per_step: int) -> dict:
         for a, b in spans:
             union += max(0.0, b - max(a, end))
             end = max(end, b)
+        all_spans += spans
         row = {"layer_ms": cur.left - cur.entered, "between_layers_ms": cur.entered - prev.left,
                "reads": sum(1 for r in cur.runs for x in r.experts if not np.isnan(x.io_start)),
                "read_union_ms": union}
@@ -276,4 +280,20 @@ def trace_summary(trace: list, layers_per_step: int) -> dict:
         vals = [r[k] * (1e3 if k.endswith("_ms") else 1) for r in rows if k in r]
         out[k] = float(np.median(vals)) if vals else None
         out[f"{k}_sum_per_step"] = sum(vals) * layers_per_step / len(rows) if rows else None
+    if rows:
+        lo, hi = trace[layers_per_step - 1].left, calls[-1].left
+        clip = [(max(a, lo), min(b, hi)) for a, b in all_spans if b > lo and a < hi]
+        steps = len(rows) / layers_per_step
+        out["disk_busy_share"] = _union(sorted(clip)) / (hi - lo) if hi > lo else None
+        inside = sorted((max(a, lo), min(b, hi)) for a, b in prefetch_spans if b > lo and a < hi)
+        out["prefetch_union_ms_sum_per_step"] = _union(inside) * 1e3 / steps
     return out
+
+
+def _union(spans: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of sorted (start, end) intervals."""
+    union, end = 0.0, -np.inf
+    for a, b in spans:
+        union += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return union

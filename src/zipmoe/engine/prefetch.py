@@ -15,6 +15,7 @@ overwritten by the reads for layer l+2. Sizes in bytes.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,10 @@ class Prefetcher:
         self._set = 0
         self._fill = [0, 0]  # per set, bumped when a hint refills it: a read from an older fill is dropped
         self._stop = False
+        # start as soon as the current layer's last read has *started* (the disk then has one read of the
+        # layer left; prefetch shares it) instead of when it is done. An A/B switch (bench zipmoe-prefetch-early).
+        self.start_early = False
+        self.read_spans: list[tuple[float, float]] | None = None  # (start, end) perf_counter of each read, if set
         self._thread = threading.Thread(target=self._loop, name="zipmoe-prefetch", daemon=True)
         self._thread.start()
 
@@ -126,12 +131,15 @@ class Prefetcher:
                 _layer, entry, slot = self._jobs.pop(0)
                 fill = self._fill[slot // self.slots]
                 self._busy, self._inflight, self._drop_inflight = True, entry.key, False
+            t0 = time.perf_counter()
             try:
                 sm = self.reader.read_sm_into(entry, self._sm.views[slot])
                 self.reader.read_e_into(entry, self._e.views[slot])
                 region = self._e.views[slot][: entry.e_length]  # the E region starts 4 KiB-aligned
             except Exception:  # a bad chunk is reported by the normal read path when it is needed
                 sm = None
+            if self.read_spans is not None:
+                self.read_spans.append((t0, time.perf_counter()))
             with self._cv:
                 self._busy, self._inflight = False, None
                 if sm is not None and fill == self._fill[slot // self.slots] and not self._drop_inflight:
