@@ -140,7 +140,6 @@ class Engine:
         if prefetcher is None:
             self.hint = None  # models/compute skips predicting when the source takes no hints
         self._reads_left = 0  # reads of the current layer not yet done (I/O threads decrement)
-        self._reads_unstarted = 0  # ... not yet started (prefetcher.start_early)
         self.read_bytes_per_s = read_bytes_per_s  # optional cap emulating a slower disk
         self._io_free_at = 0.0  # when the capped channel may start its next read
         self._io_lock = threading.Lock()  # the I/O threads' shared counters and cap clock
@@ -275,7 +274,7 @@ class Engine:
         if self.prefetcher is None:  # only the prefetcher needs to know when the layer's reads are done
             return
         reads = sum((ld.state in (State.E, State.MISS)) + (ld.state in (State.S, State.MISS)) for ld in loads)
-        self._reads_left = self._reads_unstarted = reads
+        self._reads_left = reads
         c = self.prefetcher.counters
         used = sum(ld.prefetched is not None for ld in loads)
         c.used += used
@@ -317,12 +316,6 @@ class Engine:
         nbytes = entry.sm.length if plane == "sm" else entry.e_length
         t0 = time.perf_counter()
         done_at = 0.0
-        if self.prefetcher is not None and self.prefetcher.start_early:
-            with self._io_lock:
-                self._reads_unstarted -= 1
-                last = self._reads_unstarted == 0
-            if last:
-                self.prefetcher.disk_free()
         if self.read_bytes_per_s:  # the capped channel serves reads one after another at the cap, in the
             with self._io_lock:     # order the I/O threads took them (the slot is booked before reading)
                 start = max(t0, self._io_free_at)
@@ -343,7 +336,7 @@ class Engine:
                 self.stats.e_bytes_read += nbytes
             self._reads_left -= 1
             free = self._reads_left == 0
-        if free and self.prefetcher is not None and not self.prefetcher.start_early:
+        if free and self.prefetcher is not None:
             self.prefetcher.disk_free()
         return out
 

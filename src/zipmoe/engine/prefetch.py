@@ -59,9 +59,6 @@ class Prefetcher:
         self._set = 0
         self._fill = [0, 0]  # per set, bumped when a hint refills it: a read from an older fill is dropped
         self._stop = False
-        # start as soon as the current layer's last read has *started* (the disk then has one read of the
-        # layer left; prefetch shares it) instead of when it is done. An A/B switch (bench zipmoe-prefetch-early).
-        self.start_early = False
         self.read_spans: list[tuple[float, float]] | None = None  # (start, end) perf_counter of each read, if set
         self._thread = threading.Thread(target=self._loop, name="zipmoe-prefetch", daemon=True)
         self._thread.start()
