@@ -69,6 +69,31 @@ def test_process_warm_up_replays_the_measured_workload(tmp_path: Path, monkeypat
     assert not list(tmp_path.iterdir()), "the scratch run file is removed"
 
 
+def test_a_warm_up_cut_short_says_which_prompt_groups_it_covered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """A replay stopped at its cap leaves the first system's remaining groups cold; the runs must say so."""
+    def partial(spec: dict) -> str:  # the replay reached the deadline after one batch-1 group of two
+        Path(spec["run_path"]).write_text(json.dumps({"batches": {"1": {"records": [{}]}}}))
+        return "partial"
+
+    monkeypatch.setattr(e2e, "execute_run", partial)
+    parser = argparse.ArgumentParser()
+    e2e.configure(parser)
+    args = parser.parse_args(["--workdir", str(tmp_path), *ARGS])
+    setup = Setup(workdir=str(tmp_path), hf_dir="hf", stores={}, device="cpu", workers=1, disk_bytes_per_s=1.0,
+                  routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
+    record = e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), {"n": 2}, args, 100, 1e12,
+                               tmp_path)
+    assert record["groups"] == {"1": 2, "2": 1} and record["groups_covered"] == {"1": 1, "2": 0}
+    assert "WARNING the warm-up stopped at its cap" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir()), "the scratch run file is removed"
+    runs = [{"system": "zipmoe", "warm_process": record}, {"system": "uncompressed", "warm_process": record}]
+    text = report.markdown(runs)
+    assert text.count("Process warm-up cut short") == 1 and "zipmoe: {'1': 1, '2': 0} of" in text
+    record = {**record, "groups_covered": record["groups"]}
+    assert "cut short" not in report.markdown([{"system": "zipmoe", "warm_process": record}])
+
+
 def test_the_process_warm_up_gets_a_quarter_of_the_deadline(suite: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A full replay given the whole deadline would leave a resumed call no time to measure, forever."""

@@ -217,7 +217,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
                 continue
             if warm and not _needs_isolation(name, budget) and args.isolation != "process":
                 warm_until = min(deadline, time.time() + WARM_SHARE * args.deadline)
-                _warm_process(name, setup, budget, prompts, args, vocab, warm_until, runs_dir)
+                meta["warm_process"] = _warm_process(name, setup, budget, prompts, args, vocab, warm_until, runs_dir)
                 warm = False
             # after the warm-up: dropping the page cache for a system that needs it must come last
             note, cgroup = _isolation(name, args.isolation, budget, setup, parse_size(args.cgroup_slack))
@@ -232,14 +232,17 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argparse.Namespace, vocab: int,
-                  deadline: float, runs_dir: Path) -> None:
+                  deadline: float, runs_dir: Path) -> dict:
     """An untimed, unreported replay of the first system's whole workload (same prompts, batch sizes and
     new tokens) before any measured run. On CUDA, torch's cuDNN attention builds an execution graph the
     first time a thread meets each (batch, query length, key length), about 8 ms per attention call on the
     device: the first system of a process ran 20–40 % slower for its whole run (its gaps between MoE layers
     were 50–85 ms longer per step; scripts/first_engine.py, BENCHMARKS.md fourth session), and the suite's
     fixed order charged that to zipmoe. After the replay every system meets shapes the process has seen.
-    It stops at `deadline` (the caller gives it WARM_SHARE of the call), leaving the rest to the runs."""
+    It stops at `deadline` (the caller gives it WARM_SHARE of the call), leaving the rest to the runs; then
+    the first system's runs of the groups it did not reach pay the graph builds (a device run: 75 ms more
+    per step outside the MoE layers on its last two prompts). So the returned record, kept in every later
+    run's JSON, says which groups per batch size it covered, and a cut-short replay is announced."""
     path = runs_dir / "_warm-process.scratch"
     path.unlink(missing_ok=True)  # one left by a killed call would resume, skipping its shapes
     spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
@@ -249,9 +252,18 @@ def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argpa
     t0 = time.perf_counter()
     try:
         execute_run(spec)
+        done = json.loads(path.read_text()).get("batches", {}) if path.exists() else {}
     finally:
         path.unlink(missing_ok=True)
-    print(f"e2e: warmed the process with an untimed replay of {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    total = {str(b): len(groups(list(range(args.prompts)), b, args.prompts)) for b in args.batches}
+    covered = {b: len(done.get(b, {}).get("records", [])) for b in total}
+    record = {"system": name, "seconds": time.perf_counter() - t0, "groups_covered": covered, "groups": total}
+    print(f"e2e: warmed the process with an untimed replay of {name} ({record['seconds']:.0f} s)", flush=True)
+    if covered != total:
+        print(f"e2e: WARNING the warm-up stopped at its cap (WARM_SHARE of --deadline) after {covered} of {total} "
+              f"prompt groups per batch size: {name}'s runs of the others pay CUDA attention graph builds; "
+              "give a larger --deadline", flush=True)
+    return record
 
 
 def configure(p: argparse.ArgumentParser) -> None:
