@@ -114,12 +114,12 @@ class StripedReads:
     """Reads one span as up to `stripes` aligned parts at once: the caller's thread reads the first part,
     helper threads ("zipmoe-stripe-i") the rest, and read_into returns once every part is in.
 
-    Why: a layer has only 2–3 plane reads, so its last one often runs alone on one I/O thread. On the device
-    two 16 MiB streams read 2.24 GB/s, yet the uncompressed engine got ~1.57 GB/s while its reads were in
-    flight, which fits a lone stream at ~1.0 GB/s (BENCHMARKS.md, fourth session; inferred, to be measured
-    with scripts/disk_probe.py). Split, even a lone read keeps two requests in the disk's queue. Disks
-    differ: on the dev machine one stream read as fast as two, so the engine stripes only when asked
-    (load(read_stripes=2)). Spans under 2 × min_part bytes are read whole (short reads gain nothing).
+    Why: a layer has only 2–3 plane reads, so its last one often runs alone on one I/O thread; on a disk
+    that needs several requests in its queue to reach full speed, splitting keeps two there. Measured on
+    both machines we have, that is not the case (scripts/disk_probe.py: one O_DIRECT stream reads as fast
+    as two), and striping did not change the engine's TPOT on the device (BENCHMARKS.md, fifth session), so
+    the engine stripes only when asked (load(read_stripes=2)). Spans under 2 × min_part bytes are read
+    whole (short reads gain nothing).
     """
 
     def __init__(self, stripes: int, min_part: int = 4 << 20, callers: int = 1):
