@@ -49,6 +49,17 @@ def test_workdir_holds_model_stores_and_one_json_per_run(suite: Path) -> None:
         assert set(d["batches"]) == {"1", "2"}
     leftovers = [p.name for p in suite.glob("runs/*/_warm-process*")]
     assert not leftovers, "the untimed process warm-up (--warm-process, on by default) left a file behind"
+    for d in runs:  # every run came after the warm-up, which covered every prompt group
+        (warm,) = d["warm_process"]
+        assert warm["status"] == "complete" and warm["groups_covered"] == warm["groups"] == {"1": 2, "2": 1}
+
+
+def test_a_resumed_run_keeps_each_calls_warm_up_record(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"batches": {}, "warm_process": [{"call": 1}]}))
+    spec = {"run_path": str(path), "system": "llama.cpp", "warm_process": {"call": 2}}  # unavailable here
+    assert e2e.execute_run(spec) == "unavailable"
+    assert json.loads(path.read_text())["warm_process"] == [{"call": 1}, {"call": 2}]
 
 
 def test_process_warm_up_replays_the_measured_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,11 +98,26 @@ def test_a_warm_up_cut_short_says_which_prompt_groups_it_covered(tmp_path: Path,
     assert record["groups"] == {"1": 2, "2": 1} and record["groups_covered"] == {"1": 1, "2": 0}
     assert "WARNING the warm-up stopped at its cap" in capsys.readouterr().out
     assert not list(tmp_path.iterdir()), "the scratch run file is removed"
-    runs = [{"system": "zipmoe", "warm_process": record}, {"system": "uncompressed", "warm_process": record}]
+    assert record["status"] == "partial"
+    runs = [{"system": "zipmoe", "warm_process": [record]}, {"system": "uncompressed", "warm_process": [record]}]
     text = report.markdown(runs)
-    assert text.count("Process warm-up cut short") == 1 and "zipmoe: {'1': 1, '2': 0} of" in text
+    assert text.count("Process warm-up cut short") == 1 and "zipmoe (partial): {'1': 1, '2': 0} of" in text
     record = {**record, "groups_covered": record["groups"]}
-    assert "cut short" not in report.markdown([{"system": "zipmoe", "warm_process": record}])
+    assert "cut short" not in report.markdown([{"system": "zipmoe", "warm_process": [record]}])
+
+
+def test_a_failed_warm_up_is_not_blamed_on_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(e2e, "execute_run", lambda spec: "failed")
+    parser = argparse.ArgumentParser()
+    e2e.configure(parser)
+    args = parser.parse_args(["--workdir", str(tmp_path), *ARGS])
+    setup = Setup(workdir=str(tmp_path), hf_dir="hf", stores={}, device="cpu", workers=1, disk_bytes_per_s=1.0,
+                  routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
+    record = e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), {"n": 2}, args, 100, 1e12,
+                               tmp_path)
+    out = capsys.readouterr().out
+    assert record["status"] == "failed" and "ended failed" in out and "larger --deadline" not in out
 
 
 def test_the_process_warm_up_gets_a_quarter_of_the_deadline(suite: Path, tmp_path: Path,

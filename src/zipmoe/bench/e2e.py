@@ -83,6 +83,8 @@ def execute_run(spec: dict[str, Any]) -> str:
     doc = json.loads(path.read_text()) if path.exists() else {**spec["meta"], "batches": {}}
     system = make_system(spec["system"])
     doc.update(system=system.name, label=system.label, status="running")
+    if spec.get("warm_process"):  # one record per call that ran part of this run (a resumed run has several)
+        doc.setdefault("warm_process", []).append(spec["warm_process"])
     reason = system.unavailable()
     if reason:
         doc.update(status="unavailable", reason=reason)
@@ -203,7 +205,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
     meta = {"schema": SCHEMA, "params": params, "model": info["model"], "machine": machine_info(setup.device),
             "commit": info["commit"], "command": "zipmoe bench e2e " + " ".join(args.argv)}
     statuses: dict[str, str] = {}
-    warm = args.warm_process
+    warm, warm_record = args.warm_process, None
     for name in names:
         system = make_system(name)
         for budget in system.budgets([make_budget(f, info["geometry"]) for f in _budgets(args.budgets)]):
@@ -217,7 +219,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
                 continue
             if warm and not _needs_isolation(name, budget) and args.isolation != "process":
                 warm_until = min(deadline, time.time() + WARM_SHARE * args.deadline)
-                meta["warm_process"] = _warm_process(name, setup, budget, prompts, args, vocab, warm_until, runs_dir)
+                warm_record = _warm_process(name, setup, budget, prompts, args, vocab, warm_until, runs_dir)
                 warm = False
             # after the warm-up: dropping the page cache for a system that needs it must come last
             note, cgroup = _isolation(name, args.isolation, budget, setup, parse_size(args.cgroup_slack))
@@ -225,6 +227,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
                     "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
                     "prompt_count": args.prompts, "batches": args.batches, "new_tokens": args.new_tokens,
                     "warmup": args.warmup, "vocab_size": vocab, "deadline": deadline, "page_cache": note,
+                    "warm_process": warm_record,
                     "meta": {**meta, "budget_frac": budget.frac, "memory_budget": budget.nbytes}}
             statuses[run_id] = _launch(spec, args.isolation, cgroup)
             print(f"e2e: {run_id}: {statuses[run_id]}", flush=True)
@@ -240,9 +243,10 @@ def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argpa
     were 50–85 ms longer per step; scripts/first_engine.py, BENCHMARKS.md fourth session), and the suite's
     fixed order charged that to zipmoe. After the replay every system meets shapes the process has seen.
     It stops at `deadline` (the caller gives it WARM_SHARE of the call), leaving the rest to the runs; then
-    the first system's runs of the groups it did not reach pay the graph builds (a device run: 75 ms more
-    per step outside the MoE layers on its last two prompts). So the returned record, kept in every later
-    run's JSON, says which groups per batch size it covered, and a cut-short replay is announced."""
+    the first system's runs of the groups it did not reach pay the graph builds (a device run: 72 ms more
+    per step outside the MoE layers on its last two prompts). So the returned record (kept in the JSON of
+    each run this call then works on) says which groups per batch size it covered and how the replay
+    ended, and an incomplete replay is announced."""
     path = runs_dir / "_warm-process.scratch"
     path.unlink(missing_ok=True)  # one left by a killed call would resume, skipping its shapes
     spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
@@ -251,18 +255,20 @@ def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argpa
             "vocab_size": vocab, "deadline": deadline, "page_cache": "", "meta": {}}
     t0 = time.perf_counter()
     try:
-        execute_run(spec)
+        status = execute_run(spec)
         done = json.loads(path.read_text()).get("batches", {}) if path.exists() else {}
     finally:
         path.unlink(missing_ok=True)
     total = {str(b): len(groups(list(range(args.prompts)), b, args.prompts)) for b in args.batches}
     covered = {b: len(done.get(b, {}).get("records", [])) for b in total}
-    record = {"system": name, "seconds": time.perf_counter() - t0, "groups_covered": covered, "groups": total}
+    record = {"system": name, "status": status, "seconds": time.perf_counter() - t0, "groups_covered": covered,
+              "groups": total}
     print(f"e2e: warmed the process with an untimed replay of {name} ({record['seconds']:.0f} s)", flush=True)
     if covered != total:
-        print(f"e2e: WARNING the warm-up stopped at its cap (WARM_SHARE of --deadline) after {covered} of {total} "
-              f"prompt groups per batch size: {name}'s runs of the others pay CUDA attention graph builds; "
-              "give a larger --deadline", flush=True)
+        why = ("stopped at its cap (WARM_SHARE of --deadline; give a larger --deadline)" if status == "partial"
+               else f"ended {status} (see the errors above)")
+        print(f"e2e: WARNING the warm-up {why} after {covered} of {total} prompt groups per batch size: on CUDA, "
+              f"{name}'s runs of the others pay attention graph builds", flush=True)
     return record
 
 

@@ -58,10 +58,8 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-marking": {"eviction": "marking"},
     "zipmoe-1io": {"io_threads": 1},
     "zipmoe-stripe2": {"read_stripes": 2},  # each plane read of >= 8 MiB in two concurrent parts
-    "zipmoe-stripe4": {"read_stripes": 4},
     "zipmoe-prefetch-stripe2": {"prefetch": True, "read_stripes": 2},
     "uncompressed-lru-stripe2": {"eviction": "lru", "read_stripes": 2},
-    "uncompressed-lru-stripe4": {"eviction": "lru", "read_stripes": 4},
     "zipmoe-gil5ms": {"switch_interval_s": 0.005},
     "uncompressed-lru": {"eviction": "lru"},
 }
@@ -147,11 +145,13 @@ def measure(model, override, vocab: int, batch: int, prompt_len: int, new_tokens
     ids = ids.to(model.device)
     override.begin(list(range(first_request, first_request + batch)))
     t0 = time.perf_counter()
-    with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
     wall = time.perf_counter() - t0
-    hook.remove()
     after, steps = stats.snapshot(), stats.step_s[n0:]
     allocator = {k: v - alloc0[k] for k, v in cuda_allocator_counts().items()}
     served = sum(after["hits"][k] - before["hits"][k] for k in after["hits"])

@@ -153,8 +153,8 @@ def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
         table(rs), "", "Against the targets (issue 6):", *targets(rs), "",
         "Page cache:", *[f"- {n}" for n in notes], "",
     ]
-    cold = sorted({f"- {w['system']}: {w['groups_covered']} of {w['groups']} prompt groups per batch size"
-                   for d in runs if (w := d.get("warm_process")) and w["groups_covered"] != w["groups"]})
+    cold = sorted({f"- {w['system']} ({w['status']}): {w['groups_covered']} of {w['groups']} prompt groups per "
+                   "batch size" for d in runs for w in d.get("warm_process", []) if w["groups_covered"] != w["groups"]})
     if cold:
         parts += ["Process warm-up cut short (the first system's runs of the groups it missed pay CUDA attention "
                   "graph builds):", *cold, ""]

@@ -135,8 +135,9 @@ class Prefetcher:
                 region = self._e.views[slot][: entry.e_length]  # the E region starts 4 KiB-aligned
             except Exception:  # a bad chunk is reported by the normal read path when it is needed
                 sm = None
-            if self.read_spans is not None:
-                self.read_spans.append((t0, time.perf_counter()))
+            spans = self.read_spans  # one read of the attribute: the bench may reset it meanwhile
+            if spans is not None:
+                spans.append((t0, time.perf_counter()))
             with self._cv:
                 self._busy, self._inflight = False, None
                 if sm is not None and fill == self._fill[slot // self.slots] and not self._drop_inflight:
