@@ -62,16 +62,22 @@ def test_a_resumed_run_keeps_each_calls_warm_up_record(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["warm_process"] == [{"call": 1}, {"call": 2}]
 
 
-def test_process_warm_up_replays_the_measured_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CUDA attention builds a graph per new (batch, query, key) length: the warm-up must meet every shape the
-    measured runs will, so it replays the same prompts, batch sizes and token counts (not a short prefix)."""
-    specs: list[dict] = []
-    monkeypatch.setattr(e2e, "execute_run", lambda spec: specs.append(spec) or "complete")
+def _warm_inputs(tmp_path: Path) -> tuple[argparse.Namespace, Setup]:
+    """Arguments and a setup for calling e2e._warm_process directly (execute_run patched)."""
     parser = argparse.ArgumentParser()
     e2e.configure(parser)
     args = parser.parse_args(["--workdir", str(tmp_path), *ARGS])
     setup = Setup(workdir=str(tmp_path), hf_dir="hf", stores={}, device="cpu", workers=1, disk_bytes_per_s=1.0,
                   routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
+    return args, setup
+
+
+def test_process_warm_up_replays_the_measured_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA attention builds a graph per new (batch, query, key) length: the warm-up must meet every shape the
+    measured runs will, so it replays the same prompts, batch sizes and token counts (not a short prefix)."""
+    specs: list[dict] = []
+    monkeypatch.setattr(e2e, "execute_run", lambda spec: specs.append(spec) or "complete")
+    args, setup = _warm_inputs(tmp_path)
     prompts = {"vocab_size": 100, "n": 2, "seed": 0}
     e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), prompts, args, 100, 1e12, tmp_path)
     (spec,) = specs
@@ -88,11 +94,7 @@ def test_a_warm_up_cut_short_says_which_prompt_groups_it_covered(tmp_path: Path,
         return "partial"
 
     monkeypatch.setattr(e2e, "execute_run", partial)
-    parser = argparse.ArgumentParser()
-    e2e.configure(parser)
-    args = parser.parse_args(["--workdir", str(tmp_path), *ARGS])
-    setup = Setup(workdir=str(tmp_path), hf_dir="hf", stores={}, device="cpu", workers=1, disk_bytes_per_s=1.0,
-                  routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
+    args, setup = _warm_inputs(tmp_path)
     record = e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), {"n": 2}, args, 100, 1e12,
                                tmp_path)
     assert record["groups"] == {"1": 2, "2": 1} and record["groups_covered"] == {"1": 1, "2": 0}
@@ -109,11 +111,7 @@ def test_a_warm_up_cut_short_says_which_prompt_groups_it_covered(tmp_path: Path,
 def test_a_failed_warm_up_is_not_blamed_on_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(e2e, "execute_run", lambda spec: "failed")
-    parser = argparse.ArgumentParser()
-    e2e.configure(parser)
-    args = parser.parse_args(["--workdir", str(tmp_path), *ARGS])
-    setup = Setup(workdir=str(tmp_path), hf_dir="hf", stores={}, device="cpu", workers=1, disk_bytes_per_s=1.0,
-                  routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
+    args, setup = _warm_inputs(tmp_path)
     record = e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), {"n": 2}, args, 100, 1e12,
                                tmp_path)
     out = capsys.readouterr().out
