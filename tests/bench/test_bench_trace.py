@@ -14,11 +14,12 @@ from zipmoe.types import ExpertKey
 NAN = math.nan
 
 
-def _layer(layer: int, entered: float, left: float, reads: list[tuple[float, float]], started: float) -> LayerTrace:
+def _layer(layer: int, entered: float, left: float, reads: list[tuple[float, float]], started: float,
+           read_bytes: int = 0) -> LayerTrace:
     experts = tuple(ExpertTimes(ExpertKey(layer, e), a, b, NAN, NAN, NAN, NAN, NAN) for e, (a, b) in enumerate(reads))
     cached = ExpertTimes(ExpertKey(layer, 9), *([NAN] * 7))  # an expert with no read
     run = PlanTimings(left - started, 0.0, 0.0, 0.0, (*experts, cached), started)
-    return LayerTrace(layer, entered, left, 0, (run,))
+    return LayerTrace(layer, entered, left, 0, (run,), read_bytes)
 
 
 def test_trace_summary_splits_a_step_into_reads_gaps_and_tails():
@@ -39,9 +40,13 @@ def test_trace_summary_counts_prefetch_reads_into_disk_busy_time():
     prefill = [_layer(0, 0.0, 1.0, [(0.0, 0.5)], 0.0), _layer(1, 1.1, 2.0, [(0.0, 0.5)], 1.1)]
     # the step runs from the last prefill layer's end (2.0) to 3.0; the layers read 2.1–2.3, the
     # prefetcher 2.25–2.45 and 2.9–3.2 (clipped at 3.0) and 1.5–1.9 (before the step: not counted)
-    step = [_layer(0, 2.05, 2.5, [(0.05, 0.25)], 2.05), _layer(1, 2.6, 3.0, [], 2.6)]
-    prefetch = [(1.5, 1.9), (2.25, 2.45), (2.9, 3.2)]
+    step = [_layer(0, 2.05, 2.5, [(0.05, 0.25)], 2.05, read_bytes=700), _layer(1, 2.6, 3.0, [], 2.6)]
+    prefetch = [(1.5, 1.9, 10_000), (2.25, 2.45, 200), (2.9, 3.2, 5_000)]
     out = trace_summary(prefill + step, layers_per_step=2, prefetch_spans=prefetch)
     assert out["disk_busy_share"] == pytest.approx((0.35 + 0.1) / 1.0)  # 2.1–2.45 and 2.9–3.0
     assert out["prefetch_union_ms_sum_per_step"] == pytest.approx(300.0)  # 0.2 + 0.1 s in one step
-    assert trace_summary(prefill + step, layers_per_step=2)["disk_busy_share"] == pytest.approx(0.2)
+    # 700 B of the layer's reads + 200 B of the prefetch read that ended in the step, over 0.45 s busy
+    assert out["read_gb_per_s_in_flight"] == pytest.approx(900 / 0.45 / 1e9)
+    alone = trace_summary(prefill + step, layers_per_step=2)
+    assert alone["disk_busy_share"] == pytest.approx(0.2) and alone["read_gb_per_s_in_flight"] == pytest.approx(
+        700 / 0.2 / 1e9)

@@ -71,3 +71,22 @@ def _assert_cache_holds_the_stored_planes(engine) -> None:
             checked += 1
     if any(cache.capacity[p] for p in (State.C, State.S, State.E)):
         assert checked > 0, "the cache has host pools but holds no planes: nothing was checked"
+
+
+def test_the_trace_counts_every_byte_the_layers_read(converted):
+    """Engine.trace's per-layer read_bytes (benchmarks divide them by read time) add up to the bytes read."""
+    ckpt, store = converted
+    with StoreReader(store) as r:
+        numel = next(iter(r.entries.values())).numel
+        dense = sum(p.stat().st_size for p in r.dense_files())
+    model = load(store, memory_budget=dense + 8 * numel * 8, workers=2, preload=False)
+    try:
+        engine = model.zipmoe_engine
+        engine.trace = []
+        before = engine.stats.snapshot()["bytes_read"]
+        ids = torch.randint(3, 150, (1, 6), generator=torch.Generator().manual_seed(3))
+        model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        read = engine.stats.snapshot()["bytes_read"] - before
+        assert read > 0 and sum(t.read_bytes for t in engine.trace) == read
+    finally:
+        unload(model)

@@ -247,7 +247,7 @@ def nonfinite_paths(obj: Any, path: str = "") -> list[str]:
     return []
 
 
-def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tuple[float, float]] = ()) -> dict:
+def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tuple[float, ...]] = ()) -> dict:
     """Where a batch-1 run's decode-step time went, from Engine.trace (prefill's layer calls skipped):
     medians per MoE layer call in ms. `before_first_read`: from the layer asking for its experts to its
     first read (lookup, planning, thread hand-off); `read_union`: time some read of the layer was in
@@ -255,10 +255,13 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
     experts); `between_layers`: the previous layer done → this one asking (attention, router, shared
     expert, Python; the first layer of a step also carries lm_head and generate()'s own work).
     `disk_busy_share`: share of the decode steps' time with some read in flight, the layers' own and the
-    prefetcher's (`prefetch_spans`, perf_counter (start, end) pairs); `prefetch_union` per step."""
+    prefetcher's (`prefetch_spans`: perf_counter (start, end, bytes) of each prefetch read); `prefetch_union`
+    per step; `read_gb_per_s_in_flight`: the bytes those reads brought in ÷ that busy time, the rate the disk
+    delivered while it was in use (prefetch reads counted when they end inside the steps)."""
     calls = trace[layers_per_step:]
     rows = []
-    all_spans = list(prefetch_spans)
+    all_spans = [(a, b) for a, b, *_ in prefetch_spans]
+    layer_bytes = sum(getattr(c, "read_bytes", 0) for c in calls)
     for prev, cur in zip(trace[layers_per_step - 1 :], calls, strict=False):
         spans = sorted((r.started_at + x.io_start, r.started_at + x.io_end) for r in cur.runs for x in r.experts
                        if not np.isnan(x.io_start))
@@ -284,9 +287,12 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
         lo, hi = trace[layers_per_step - 1].left, calls[-1].left
         clip = [(max(a, lo), min(b, hi)) for a, b in all_spans if b > lo and a < hi]
         steps = len(rows) / layers_per_step
-        out["disk_busy_share"] = _union(sorted(clip)) / (hi - lo) if hi > lo else None
-        inside = sorted((max(a, lo), min(b, hi)) for a, b in prefetch_spans if b > lo and a < hi)
+        busy = _union(sorted(clip))
+        out["disk_busy_share"] = busy / (hi - lo) if hi > lo else None
+        inside = sorted((max(a, lo), min(b, hi)) for a, b, *_ in prefetch_spans if b > lo and a < hi)
         out["prefetch_union_ms_sum_per_step"] = _union(inside) * 1e3 / steps
+        pf_bytes = sum(s[2] for s in prefetch_spans if len(s) > 2 and lo < s[1] <= hi)
+        out["read_gb_per_s_in_flight"] = (layer_bytes + pf_bytes) / busy / 1e9 if busy > 0 else None
     return out
 
 

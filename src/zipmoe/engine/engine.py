@@ -68,6 +68,7 @@ class LayerTrace:
     left: float  # ... when the last expert had been computed (the generator finished)
     f_hits: int  # experts served from F without loading
     runs: tuple[PlanTimings, ...]  # one executor run per wave, in order
+    read_bytes: int = 0  # bytes the layer's own reads brought in (prefetched planes not included)
 
 
 class _Load:
@@ -201,7 +202,7 @@ class Engine:
         self.stats.layer_s += t_end - t_layer
         self.stats.layers += 1
         if self.trace is not None:
-            self.trace.append(LayerTrace(layer, t_layer, t_end, len(hits), tuple(runs)))
+            self.trace.append(LayerTrace(layer, t_layer, t_end, len(hits), tuple(runs), _read_bytes(loads)))
 
     # ---- one wave: claim slots, plan, run ----
 
@@ -414,3 +415,9 @@ class Engine:
         self.reader.close()
         if failed is not None:
             raise failed
+
+
+def _read_bytes(loads: list[_Load]) -> int:
+    """Bytes the loads' reads brought in: SM planes of E/miss loads, E regions of S/miss loads (trace only)."""
+    return sum(ld.entry.sm.length * (ld.state in (State.E, State.MISS))
+               + ld.entry.e_length * (ld.state in (State.S, State.MISS)) for ld in loads)

@@ -59,7 +59,7 @@ class Prefetcher:
         self._set = 0
         self._fill = [0, 0]  # per set, bumped when a hint refills it: a read from an older fill is dropped
         self._stop = False
-        self.read_spans: list[tuple[float, float]] | None = None  # (start, end) perf_counter of each read, if set
+        self.read_spans: list[tuple[float, float, int]] | None = None  # (start, end, bytes) of each read, if set
         self._thread = threading.Thread(target=self._loop, name="zipmoe-prefetch", daemon=True)
         self._thread.start()
 
@@ -137,7 +137,7 @@ class Prefetcher:
                 sm = None
             spans = self.read_spans  # one read of the attribute: the bench may reset it meanwhile
             if spans is not None:
-                spans.append((t0, time.perf_counter()))
+                spans.append((t0, time.perf_counter(), entry.sm.length + entry.e_length))
             with self._cv:
                 self._busy, self._inflight = False, None
                 if sm is not None and fill == self._fill[slot // self.slots] and not self._drop_inflight:
