@@ -75,7 +75,7 @@ def _assert_cache_holds_the_stored_planes(engine) -> None:
 
 def test_the_trace_counts_every_byte_the_layers_read(converted):
     """Engine.trace's per-layer read_bytes (benchmarks divide them by read time) add up to the bytes read."""
-    ckpt, store = converted
+    _ckpt, store = converted
     with StoreReader(store) as r:
         numel = next(iter(r.entries.values())).numel
         dense = sum(p.stat().st_size for p in r.dense_files())
