@@ -93,14 +93,25 @@ _CONFIG_CLASSES = {
     "deepseek_v2": "DeepseekV2Config",
 }
 
+# Encoder-decoder MoE models (per-expert nn.Linear experts, models/per_expert.py). Sparse blocks 1 and 3 of
+# each stack; a small expert capacity makes the router drop tokens, which the served loop must mirror.
+TINY_SEQ2SEQ_CONFIGS: dict[str, dict[str, Any]] = {
+    "switch_transformers": dict(
+        vocab_size=160, d_model=64, d_kv=16, d_ff=48, num_layers=4, num_decoder_layers=4, num_heads=4,
+        num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, expert_capacity=3,
+        relative_attention_num_buckets=8, tie_word_embeddings=True, decoder_start_token_id=0,
+    ),
+}
+_CONFIG_CLASSES["switch_transformers"] = "SwitchTransformersConfig"
+
 # mixtral is written in several shards (its experts alone are ~220 KiB) to exercise sharded reading.
 _SHARD_SIZE = {"mixtral": "100KB"}
 
 
 def tiny_config(model_type: str) -> transformers.PretrainedConfig:
-    """The transformers config object for one row of TINY_CONFIGS."""
+    """The transformers config object for one row of TINY_CONFIGS or TINY_SEQ2SEQ_CONFIGS."""
     cls = getattr(transformers, _CONFIG_CLASSES[model_type])
-    return cls(**TINY_CONFIGS[model_type])
+    return cls(**(TINY_CONFIGS.get(model_type) or TINY_SEQ2SEQ_CONFIGS[model_type]))
 
 
 def _randomize_(model: torch.nn.Module, seed: int) -> None:
@@ -115,10 +126,11 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """A randomly initialised tiny causal LM (eval mode) of this model_type."""
+    """A randomly initialised tiny causal LM (seq2seq LM for TINY_SEQ2SEQ_CONFIGS; eval mode) of this model_type."""
     config = tiny_config(model_type)
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
     with torch.device("cpu"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
     _randomize_(model, seed)
     return model.to(dtype).eval()
 

@@ -9,6 +9,7 @@ runs on the thread that owns the model. Times in seconds.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -74,6 +75,7 @@ def load_handle(
             f"{path} is not a model directory (no config.json or {STORE_MANIFEST}); pass a store made "
             "by 'zipmoe convert' or a local Hugging Face checkpoint directory"
         )
+    _check_decoder_only(path)
     device = resolve_device(device)
     stats_fn = None
     if (path / STORE_MANIFEST).is_file():
@@ -88,6 +90,20 @@ def load_handle(
         raise ZipMoEError(f"cannot load a tokenizer from {path}: {exc}; it needs tokenizer files") from exc
     model.eval()
     return ModelHandle(model, tokenizer, model_id or path.name, stats_fn, _eos_ids(model, tokenizer))
+
+
+def _check_decoder_only(path: Path) -> None:
+    """This loop feeds a causal LM its own tokens; an encoder-decoder model needs model.generate()."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the loader below reports a missing or broken config
+    if config.get("is_encoder_decoder"):
+        raise ZipMoEError(
+            f"{path} holds an encoder-decoder model ({config.get('model_type')}); generate, chat and serve run "
+            "decoder-only models. Use the Python API: model = zipmoe.load(store, memory_budget=...), then "
+            "model.generate(**tokenizer(text, return_tensors='pt'))"
+        )
 
 
 def _load_store(

@@ -41,9 +41,10 @@ from zipmoe.types import ExpertKey, State
 
 @dataclass(frozen=True, slots=True)
 class ExpertShapes:
-    """How one expert's flat BF16 vector splits into the fused [2I,H] and [H,I] weights."""
+    """How one expert's flat BF16 vector splits into its two matmuls' weights: the fused [2I,H] gate_up
+    (a non-gated expert's up [I,H]) and down [H,I]."""
 
-    gate_up: tuple[int, int]  # (2I, H)
+    gate_up: tuple[int, int]  # (2I, H), or (I, H) when not gated
     down: tuple[int, int]  # (H, I)
 
     @property
@@ -52,6 +53,13 @@ class ExpertShapes:
 
     @classmethod
     def of(cls, entry: ExpertEntry) -> ExpertShapes:
+        names = tuple(t.name for t in entry.tensors)
+        if names == ("up", "down"):
+            up, down = (entry.tensor(n).shape for n in names)
+            if tuple(down) != (up[1], up[0]):
+                raise UnsupportedModelError(f"{entry.key}: projection shapes up {up} down {down} are not an MLP "
+                                            "(down == up transposed); zipmoe cannot serve them")
+            return cls(gate_up=(up[0], up[1]), down=(down[0], down[1]))
         gate, up, down = (entry.tensor(n).shape for n in ("gate", "up", "down"))
         if gate != up or tuple(down) != (gate[1], gate[0]):
             raise UnsupportedModelError(f"{entry.key}: projection shapes gate {gate} up {up} down {down} are not a "

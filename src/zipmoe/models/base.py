@@ -11,7 +11,8 @@ API for the converter (import from `zipmoe.models`):
     plan.expert_tensors         -> frozenset of checkpoint names consumed by experts
 Canonical order per routed expert: gate [I,H], up [I,H], down [H,I]; flat(gate)+flat(up) ==
 transformers' fused `gate_up_proj[e]` [2I,H] (conversion_mapping.py: MergeModulelist(dim=0) then
-Concatenate(dim=1) of gate, up), and down == `down_proj[e]` [H,I].
+Concatenate(dim=1) of gate, up), and down == `down_proj[e]` [H,I]. Non-gated experts (an adapter whose
+`projections` is UNGATED) store up [I,H] then down [H,I].
 Raises UnsupportedModelError (no adapter, generic rule finds nothing) or ConversionError (an
 adapter's table is incomplete, or a model has no routed experts).
 
@@ -31,6 +32,7 @@ from zipmoe.types import ExpertKey
 
 GATE, UP, DOWN = "gate", "up", "down"
 PROJ_ORDER: tuple[str, ...] = (GATE, UP, DOWN)  # canonical order of one expert's projections
+UNGATED: tuple[str, ...] = (UP, DOWN)  # a non-gated expert (act(x W_up^T) W_down^T: SwitchTransformers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,8 @@ class ExpertSource(Protocol):
     expert ids the router picked and how many tokens were routed to each (a hint for caching). It
     yields `(expert, gate_up, down)` for every id in `needed`, exactly once each, in any order (as
     weights become ready): gate_up is a contiguous [2I, H] tensor (gate rows
-    then up rows), down a contiguous [H, I] tensor, both with the model's dtype on the compute device.
+    then up rows; a non-gated expert's up [I, H]), down a contiguous [H, I] tensor, both with the model's
+    dtype on the compute device.
     They may be views into engine buffers; they only need to stay valid until the generator is
     resumed for the next item (the forward is done with an expert before asking for another), so
     the engine can recycle a small set of staging buffers within one layer. An exception raised
@@ -182,3 +185,48 @@ def group_by_expert(
     return {
         k: tuple(acc[k][p] for p in PROJ_ORDER if p in acc[k]) for k in sorted(acc)
     }
+
+
+@dataclass(frozen=True)
+class ModuleAdapter:
+    """An adapter for models that hold each routed expert as its own nn.Module of nn.Linear layers (not
+    transformers' fused experts interface): where the experts containers are, which Linear is which
+    projection, and the container's forward rewritten to take weights from an ExpertSource
+    (models/per_expert.py installs it). Subclasses say where the MoE layers are (containers)."""
+
+    model_type: str
+    linears: Mapping[str, str]  # canonical proj -> attribute of the expert module's nn.Linear (up -> "wi")
+    projections: tuple[str, ...]  # canonical projections stored per expert, in flat-vector order
+    num_experts_keys: tuple[str, ...]  # config keys holding the routed-experts count, first present wins
+    experts_forward: Any  # (container, source-backed expert call, *the container's forward args) -> output
+    child: str = "expert_{expert}"  # name of expert j inside its container
+
+    def containers(self, config: Mapping[str, Any]) -> list[tuple[int, str]]:
+        """(MoE layer id, module name of its experts container), ascending layer ids."""
+        raise NotImplementedError
+
+    def num_experts(self, config: Mapping[str, Any]) -> int:
+        """Routed experts per MoE layer, from the first present key of num_experts_keys."""
+        return next((int(config[k]) for k in self.num_experts_keys if config.get(k)), 0)
+
+    def top_k(self, config: Mapping[str, Any]) -> int:
+        """Experts each token is routed to."""
+        raise NotImplementedError
+
+    def moe_layers(self, config: Mapping[str, Any]) -> list[int]:
+        """MoE layer ids (what the store's expert keys use)."""
+        return [layer for layer, _ in self.containers(config)]
+
+    def expert_names(self, config: Mapping[str, Any]) -> list[ExpertName]:
+        """Every per-expert weight name, layer-major then expert then canonical projection."""
+        n = self.num_experts(config)
+        return [
+            ExpertName(f"{name}.{self.child.format(expert=e)}.{self.linears[p]}.weight", ExpertKey(layer, e), p)
+            for layer, name in self.containers(config)
+            for e in range(n)
+            for p in self.projections
+        ]
+
+    def fused_names(self, config: Mapping[str, Any]) -> list[FusedName]:
+        """None: such checkpoints are only ever written per expert."""
+        return []

@@ -20,7 +20,9 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, rename_source_key
 
 from zipmoe.errors import ZipMoEError
+from zipmoe.models.base import ModuleAdapter
 from zipmoe.models.compute import experts_modules
+from zipmoe.models.registry import get_adapter
 
 
 def load_hf_config(config: str | Path | Mapping[str, Any] | transformers.PretrainedConfig):
@@ -40,18 +42,23 @@ def build_model_without_experts(
     dtype: torch.dtype | None = None,
     experts_implementation: str | None = None,
 ) -> nn.Module:
-    """Causal LM with dense weights from `dense_state_dict` (checkpoint names) and meta experts.
+    """Causal LM (or seq2seq LM, for encoder-decoder configs) with dense weights from `dense_state_dict`
+    (checkpoint names) and meta experts.
 
     experts_implementation: the reference the zipmoe forward will be bit-exact to ("eager",
     "grouped_mm"; None = what from_pretrained picks by default). dtype None = config's dtype.
     """
     hf_config = load_hf_config(config)
     dtype = dtype or _config_dtype(hf_config)
+    adapter = get_adapter(hf_config.model_type)
+    auto = transformers.AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    kwargs = {} if isinstance(adapter, ModuleAdapter) else {"experts_implementation": experts_implementation}
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            hf_config, dtype=dtype, experts_implementation=experts_implementation
-        )
-    expert_keys = {f"{n}.{p}" for _, n, _ in experts_modules(model) for p in ("gate_up_proj", "down_proj")}
+        model = auto.from_config(hf_config, dtype=dtype, **kwargs)
+    if isinstance(adapter, ModuleAdapter):  # one nn.Module per expert (models/per_expert.py)
+        expert_keys = {n.name for n in adapter.expert_names(hf_config.to_dict())}
+    else:
+        expert_keys = {f"{n}.{p}" for _, n, _ in experts_modules(model) for p in ("gate_up_proj", "down_proj")}
     state = _renamed_dense(model, dense_state_dict, device)
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

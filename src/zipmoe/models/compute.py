@@ -42,7 +42,7 @@ def _experts_of(self: nn.Module, needed: list[int],
     return source.experts(self._zipmoe_layer, needed)  # a source written before the tokens hint
 
 
-def _takes_tokens(source: ExpertSource) -> bool:
+def takes_tokens(source: ExpertSource) -> bool:
     """Whether source.experts accepts the `tokens` hint (added after the first release of the interface)."""
     try:
         params = inspect.signature(source.experts).parameters
@@ -70,10 +70,17 @@ def eager_like_forward(
         current_hidden_states = nn.functional.linear(current_hidden_states, down)
         current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
         contributions[expert] = (token_idx, current_hidden_states.to(final_hidden_states.dtype))
-    _check_served(needed, contributions)
-    for expert in needed:  # index_add_ rounds per call: keep the reference's ascending expert order
-        final_hidden_states.index_add_(0, *contributions[expert])
-    return final_hidden_states
+    return combine_in_order(final_hidden_states, needed, contributions)
+
+
+def combine_in_order(out: torch.Tensor, needed: list[int],
+                     contributions: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """index_add_ each expert's (token rows, output) into `out` in the reference's ascending expert order
+    (index_add_ rounds per call), once the source has served exactly `needed`."""
+    check_served(needed, contributions)
+    for expert in needed:
+        out.index_add_(0, *contributions[expert])
+    return out
 
 
 def grouped_mm_like_forward(
@@ -98,7 +105,7 @@ def grouped_mm_like_forward(
         proj_out = self._apply_gate(_one_group_linear(selected_hidden_states_g[start:end], gate_up))
         down_out[start:end] = _one_group_linear(proj_out, down)
         served[expert] = True
-    _check_served(needed, served)
+    check_served(needed, served)
     weighted_out = down_out * sample_weights_g.unsqueeze(-1)  # (S, H)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=hidden_states.device)
@@ -131,7 +138,7 @@ def batched_mm_like_forward(
             gate_up_w[s].copy_(gate_up)
             down_w[s].copy_(down)
         served[expert] = True
-    _check_served(needed, served)
+    check_served(needed, served)
     proj_out = self._apply_gate(_batched_linear(selected_hidden_states, gate_up_w, bias=None, is_transposed=False))
     proj_out = _batched_linear(proj_out, down_w, bias=None, is_transposed=False)
     weighted_out = proj_out * sample_weights.unsqueeze(-1)  # (S, H)
@@ -156,7 +163,7 @@ def _group_spans(sorted_ids: torch.Tensor, num_experts: int) -> dict[int, tuple[
     return spans
 
 
-def _check_served(needed: list[int], served: dict) -> None:
+def check_served(needed: list[int], served: dict) -> None:
     if sorted(served) != needed:
         missing = sorted(set(needed) - set(served))
         raise RuntimeError(f"ExpertSource did not serve experts {missing} (asked for {needed})")
@@ -270,7 +277,7 @@ def replace_source(model: nn.Module, source: ExpertSource) -> None:
     for module in model.modules():
         if hasattr(module, "_zipmoe_source"):
             module._zipmoe_source = source
-            module._zipmoe_takes_tokens = _takes_tokens(source)
+            module._zipmoe_takes_tokens = takes_tokens(source)
 
 
 def _reference_forward(module: nn.Module, reference: str) -> Callable[..., torch.Tensor]:
@@ -396,7 +403,7 @@ def install(model: nn.Module, source: ExpertSource, reference: str | None = None
                                                 requires_grad=False))
         module.intermediate_dim = module.gate_up_proj.shape[1] // 2
         module._zipmoe_source = source
-        module._zipmoe_takes_tokens = _takes_tokens(source)
+        module._zipmoe_takes_tokens = takes_tokens(source)
         module._zipmoe_owner = id(model)
         module._zipmoe_layer = layer
         # (prefill, decode): generate()'s decode phase on a GPU may use another implementation

@@ -8,6 +8,7 @@ Sizes in bytes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
@@ -26,8 +27,10 @@ from zipmoe.engine.metrics import StepClock
 from zipmoe.engine.planning import PlannedPools
 from zipmoe.engine.prefetch import Prefetcher
 from zipmoe.errors import UnsupportedModelError, ZipMoEError
+from zipmoe.models import compute, per_expert
+from zipmoe.models.base import ModuleAdapter
 from zipmoe.models.build import build_model_without_experts
-from zipmoe.models.compute import install, release_resident, serve_resident
+from zipmoe.models.registry import get_adapter
 from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.tasks import CostModel
 from zipmoe.store.reader import StoreReader
@@ -71,7 +74,8 @@ def load(
     preload: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> torch.nn.Module:
-    """Load a zipmoe store as a transformers causal LM whose routed experts are served by the engine.
+    """Load a zipmoe store as a transformers causal LM (seq2seq LM for encoder-decoder models) whose routed
+    experts are served by the engine.
 
     workers: decode threads (default: cores − 1, at most 8); io_threads: threads of the read channel
     (two keep a read in flight while the other hands its result on); read_stripes: split each plane read
@@ -172,7 +176,14 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
             engine.preload()
         progress("building the model")
         model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)
-        install(model, engine)
+        adapter = get_adapter(model.config.model_type)
+        if isinstance(adapter, ModuleAdapter):  # one nn.Module per expert
+            per_expert.install(model, engine, adapter, experts_implementation)
+            serve_resident = functools.partial(per_expert.serve_resident, adapter=adapter)
+            release_resident = functools.partial(per_expert.release_resident, adapter=adapter)
+        else:
+            compute.install(model, engine)
+            serve_resident, release_resident = compute.serve_resident, compute.release_resident
         # everything preloaded in place: the model's own kernels run on the F pool, no per-step engine work
         engine.resident = serve_resident(model, engine)
         if engine.resident:  # closing the engine (unload, or directly) takes the pool views back
@@ -215,6 +226,9 @@ class _Stages:
 
 
 def _top_k(config: dict) -> int:
+    adapter = get_adapter(config.get("model_type"))
+    if isinstance(adapter, ModuleAdapter):
+        return adapter.top_k(config)
     for name in ("num_experts_per_tok", "moe_top_k", "top_k"):
         if isinstance(config.get(name), int):
             return config[name]

@@ -40,7 +40,7 @@ def expert_tensor_plan(
     used = {src.tensor for _, src in items}
     _check_leftovers(names - used, model_type)
     if not experts:
-        _raise_no_experts(model_type, adapter)
+        _raise_no_experts(model_type, adapter, config)
     _check_complete(experts, adapter, config)
     return ExpertPlan(
         model_type=str(model_type),
@@ -91,25 +91,29 @@ def _check_leftovers(leftover: set[str], model_type: Any) -> None:
         )
 
 
-def _raise_no_experts(model_type: Any, adapter: Any) -> None:
+def _raise_no_experts(model_type: Any, adapter: Any, config: Mapping[str, Any]) -> None:
     if isinstance(adapter, GenericAdapter):
         raise UnsupportedModelError(
             unsupported_message(model_type, "no routed experts found by the generic naming rule")
         )
+    expected = adapter.expert_names(config)
+    like = repr(expected[0].name) if expected else "none: the config names no MoE layer"
     raise ConversionError(
-        f"model_type {model_type!r}: no routed experts found (expected tensors like "
-        f"{adapter.per_expert['gate']!r}); is this a MoE checkpoint with num_experts > 0?"
+        f"model_type {model_type!r}: no routed experts found (expected tensors like {like}); "
+        "is this a MoE checkpoint with num_experts > 0?"
     )
 
 
 def _check_complete(experts: Mapping[ExpertKey, tuple[ProjSource, ...]], adapter: Any, config: Any) -> None:
-    """Every expert has gate, up and down; every layer the same contiguous expert ids 0..E-1."""
+    """Every expert has the adapter's projections (gate, up, down unless it says otherwise); every layer
+    the same contiguous expert ids 0..E-1."""
+    want = getattr(adapter, "projections", PROJ_ORDER)
     for key, srcs in experts.items():
-        if tuple(s.proj for s in srcs) != PROJ_ORDER:
+        if tuple(s.proj for s in srcs) != want:
             have = ", ".join(s.proj for s in srcs)
             raise ConversionError(
-                f"{key}: found projections ({have}) but gated experts need gate, up and down; "
-                "non-gated expert layouts are not supported"
+                f"{key}: found projections ({have}) but this model's experts need {', '.join(want)}; "
+                "the checkpoint is incomplete or another model_type's"
             )
     by_layer: dict[int, list[int]] = {}
     for key in experts:

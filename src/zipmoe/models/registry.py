@@ -13,6 +13,7 @@ ADAPTERS: dict[str, str] = {
     "mixtral": "zipmoe.models.mixtral",
     "olmoe": "zipmoe.models.olmoe",
     "deepseek_v2": "zipmoe.models.deepseek_v2",
+    "switch_transformers": "zipmoe.models.switch_transformers",  # per-expert nn.Linear (models/per_expert.py)
 }
 # Aliases: model_types whose checkpoints use an adapter's layout unchanged.
 REMAP: dict[str, str] = {}

@@ -12,7 +12,10 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from zipmoe.models import per_expert
+from zipmoe.models.base import ModuleAdapter
 from zipmoe.models.compute import experts_modules
+from zipmoe.models.registry import get_adapter
 
 
 class InMemoryExpertSource:
@@ -25,11 +28,18 @@ class InMemoryExpertSource:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, seed: int = 0) -> InMemoryExpertSource:
-        """Snapshot (clone) the fused expert tensors of a plain transformers model."""
-        weights = {
-            layer: (m.gate_up_proj.detach().clone(), m.down_proj.detach().clone())
-            for layer, _, m in experts_modules(model)
-        }
+        """Snapshot (clone) the expert tensors of a plain transformers model, fused or per expert."""
+        adapter = get_adapter(model.config.model_type)
+        if not isinstance(adapter, ModuleAdapter):
+            return cls({layer: (m.gate_up_proj.detach().clone(), m.down_proj.detach().clone())
+                        for layer, _, m in experts_modules(model)}, seed)
+        weights = {}
+        for layer, name, _ in per_expert.containers(model, adapter):
+            per = [dict(model.get_submodule(f"{name}.{adapter.child.format(expert=e)}").named_parameters())
+                   for e in range(adapter.num_experts(model.config.to_dict()))]
+            first = [torch.cat([p[f"{adapter.linears[j]}.weight"] for j in adapter.projections[:-1]]) for p in per]
+            last = [p[f"{adapter.linears[adapter.projections[-1]]}.weight"] for p in per]
+            weights[layer] = (torch.stack(first).detach().clone(), torch.stack(last).detach().clone())
         return cls(weights, seed)
 
     def experts(self, layer: int, needed: Sequence[int],
