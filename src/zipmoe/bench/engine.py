@@ -39,6 +39,7 @@ from zipmoe.engine import gil
 from zipmoe.engine.metrics import EngineStats, StepClock
 from zipmoe.models.compute import PREFETCH_MAX_TOKENS
 from zipmoe.models.load import load, unload
+from zipmoe.planner.profile_io import stats_path
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import State
 
@@ -233,6 +234,8 @@ def run(args) -> dict:
             split = extra.pop("pool_split")
             extra["capacities"] = {p: int(share * frac * expert_bf16) // per_entry[p]
                                    for p, share in zip((State.F, State.C, State.S, State.E), split, strict=True)}
+        if extra.get("planning"):  # every planned row starts from the same prior, not from the routing
+            stats_path(store).unlink(missing_ok=True)  # statistics an earlier row saved next to the store
         switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)
         saved_switch, gil.ENGINE_SWITCH_INTERVAL_S = gil.ENGINE_SWITCH_INTERVAL_S, switch
         try:
