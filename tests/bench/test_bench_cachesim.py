@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zipmoe.bench.cachesim import main, simulate
+from zipmoe.bench.cachesim import ceilings, main, simulate
 
 
 def test_simulation_is_deterministic_and_shows_the_cycle_that_lru_thrashes():
@@ -21,3 +21,12 @@ def test_cli_prints_one_json_row_per_combination(capsys):
           "--top-k", "2", "--layers", "2", "--new-tokens", "4", "--requests", "1"])
     rows = capsys.readouterr().out.strip().splitlines()
     assert len(rows) == 2 and all('"decode_hit_rate"' in r for r in rows)
+
+
+def test_the_ceilings_bound_every_policy_and_grow_with_the_cache():
+    kw = dict(new_tokens=24, requests=3, experts=16, top_k=2, layers=3)
+    small, large = ceilings(12, **kw), ceilings(30, **kw)
+    for policy in ("lru", "lrfu"):  # the oracle keeps the most likely experts: no online policy beats it
+        assert simulate(policy, 12, 1, **kw) <= small["oracle"] + 0.02
+    assert 0.0 < small["request-counts"] < small["oracle"] < large["oracle"] < 1.0
+    assert large["request-counts"] > small["request-counts"]

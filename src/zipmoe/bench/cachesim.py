@@ -8,6 +8,11 @@ cache as the engine does (cache.acquire(keys, tokens)).
 
     python -m zipmoe.bench.cachesim --capacity 135 --batch 1 16 --policies lru lrfu lrfu-per-access
 
+`--ceilings` adds two batch-1 rows no online policy can beat, for the same draws: "oracle" keeps each
+request's most likely experts (it knows the sampler's weights); "request-counts" keeps, before every
+step, the experts the current request has used most so far, prefill included, and may swap any
+number of them for free. How far a policy sits below them says how much eviction can still give.
+
 L=MoE layers E=experts k=top-k.
 """
 
@@ -83,6 +88,39 @@ def simulate(policy: str, capacity: int, batch: int, *, prompt_len: int = 64, ne
     return hits / accesses
 
 
+def ceilings(capacity: int, *, prompt_len: int = 64, new_tokens: int = 64, requests: int = 6,
+             model: str = "qwen1.5-moe-a2.7b", experts: int = 60, top_k: int = 4, layers: int = 6,
+             seed: int = 0) -> dict[str, float]:
+    """Decode hit rates at batch 1 of the "oracle" and "request-counts" caches (see the module docstring)."""
+    sampler = RoutingSampler(model, experts, top_k, layers, seed=seed)
+    oracle = counted = accesses = 0.0
+    for _ in range(requests):
+        req = sampler.new_request()
+        counts = np.stack([np.bincount(req.step(layer, prompt_len).ravel(), minlength=experts)
+                           for layer in range(layers)]).astype(np.float64)  # [L, E]
+        # a Plackett-Luce draw of k without replacement: the chance each expert is among a step's k
+        probs = np.stack([_inclusion(req.expert_weights(layer), top_k) for layer in range(layers)])
+        best = np.zeros(layers * experts, dtype=bool)
+        best[np.argsort(-probs.ravel(), kind="stable")[:capacity]] = True
+        for _ in range(new_tokens):
+            kept = np.zeros(layers * experts, dtype=bool)
+            kept[np.argsort(-counts.ravel(), kind="stable")[:capacity]] = True
+            for layer in range(layers):
+                ids = np.unique(req.step(layer, 1))
+                oracle += best[layer * experts + ids].sum()
+                counted += kept[layer * experts + ids].sum()
+                accesses += len(ids)
+                counts[layer, ids] += 1
+    return {"oracle": oracle / accesses, "request-counts": counted / accesses}
+
+
+def _inclusion(weights: np.ndarray, k: int, draws: int = 20000, seed: int = 0) -> np.ndarray:
+    """P(expert among the k drawn without replacement ∝ weights), by Gumbel-top-k sampling."""
+    keys = np.log(weights) + np.random.default_rng(seed).gumbel(size=(draws, len(weights)))
+    top = np.argpartition(keys, len(weights) - k, axis=1)[:, len(weights) - k:]
+    return np.bincount(top.ravel(), minlength=len(weights)) / draws
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zipmoe.bench.cachesim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ceilings", action="store_true", help="also the batch-1 oracle and request-counts rows")
     a = p.parse_args(argv)
     rows = []
     for cap in a.capacity:
@@ -107,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                                 new_tokens=a.new_tokens if batch == 1 else a.batch_tokens, requests=a.requests,
                                 model=a.model, experts=a.experts, top_k=a.top_k, layers=a.layers, seed=a.seed)
                 rows.append({"capacity": cap, "batch": batch, "policy": pol, "decode_hit_rate": rate})
+                print(json.dumps(rows[-1]), flush=True)
+        if a.ceilings:
+            bounds = ceilings(cap, prompt_len=a.prompt_len, new_tokens=a.new_tokens, requests=a.requests,
+                              model=a.model, experts=a.experts, top_k=a.top_k, layers=a.layers, seed=a.seed)
+            for name, rate in bounds.items():
+                rows.append({"capacity": cap, "batch": 1, "policy": name, "decode_hit_rate": rate})
                 print(json.dumps(rows[-1]), flush=True)
     return 0
 
