@@ -93,12 +93,13 @@ _CONFIG_CLASSES = {
     "deepseek_v2": "DeepseekV2Config",
 }
 
-# Encoder-decoder MoE models (per-expert nn.Linear experts, models/per_expert.py). Sparse blocks 1 and 3 of
-# each stack; a small expert capacity makes the router drop tokens, which the served loop must mirror.
+# Encoder-decoder MoE models (per-expert nn.Linear experts, models/per_expert.py). Switch: 4 encoder blocks
+# (sparse 1 and 3) and 2 decoder blocks (sparse 1), so a wrong decoder offset shows; a small expert capacity
+# makes the router drop tokens, which the served loop must mirror.
 TINY_SEQ2SEQ_CONFIGS: dict[str, dict[str, Any]] = {
     "switch_transformers": dict(
-        vocab_size=160, d_model=64, d_kv=16, d_ff=48, num_layers=4, num_decoder_layers=4, num_heads=4,
-        num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, expert_capacity=3,
+        vocab_size=160, d_model=64, d_kv=16, d_ff=48, num_layers=4, num_decoder_layers=2, num_heads=4,
+        num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=1, expert_capacity=3,
         relative_attention_num_buckets=8, tie_word_embeddings=True, decoder_start_token_id=0,
     ),
 }

@@ -101,7 +101,8 @@ def _check_decoder_only(path: Path) -> None:
     if config.get("is_encoder_decoder"):
         raise ZipMoEError(
             f"{path} holds an encoder-decoder model ({config.get('model_type')}); generate, chat and serve run "
-            "decoder-only models. Use the Python API: model = zipmoe.load(store, memory_budget=...), then "
+            "decoder-only models. Use the Python API: model = zipmoe.load(store, memory_budget=...) and "
+            "tokenizer = transformers.AutoTokenizer.from_pretrained(store), then "
             "model.generate(**tokenizer(text, return_tensors='pt'))"
         )
 

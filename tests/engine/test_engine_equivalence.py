@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from tests.engine.engine_helpers import budgets
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 from zipmoe.convert import convert
 from zipmoe.models.load import load, unload
-from zipmoe.store.reader import StoreReader
 
 MODEL_TYPES = sorted(TINY_CONFIGS)
 _GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
@@ -36,23 +36,12 @@ def _inputs(batch: int):
     return ids, mask
 
 
-def _budgets(store) -> dict[str, int | None]:
-    """everything fits / about half the experts / the minimum (pools hold ~one expert per layer)."""
-    with StoreReader(store) as r:
-        n = len(r.entries)
-        numel = next(iter(r.entries.values())).numel
-        layers = len({k.layer for k in r.entries})
-        dense = sum(p.stat().st_size for p in r.dense_files())
-    base = dense + 8 * numel * 6  # dense + staging (slots × (BF16 + SM + E + exp) with page padding)
-    return {"all": None, "half": base + n * numel, "minimum": base + layers * numel * 2 + 3 * 4096 * layers}
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reference", ["grouped_mm", "eager"])
 def test_logits_and_tokens_equal_transformers(converted, reference, device):
     ckpt, store = converted
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation=reference).to(device)
-    for name, budget in _budgets(store).items():
+    for name, budget in budgets(store).items():
         # "all" preloads every expert at load (the default when they all fit); the others start cold
         model = load(store, device=device, memory_budget=budget, experts_implementation=reference, workers=2,
                      preload=None if name == "all" else False)

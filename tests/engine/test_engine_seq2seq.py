@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tests.engine.test_engine_equivalence import _budgets
+from tests.engine.engine_helpers import budgets
 from tests.tiny_models import TINY_SEQ2SEQ_CONFIGS, build_tiny_checkpoint
 
 from zipmoe.convert import convert
@@ -41,7 +41,9 @@ def _inputs(batch: int):
 def test_logits_and_tokens_equal_transformers(converted, device):
     ckpt, store = converted
     ref = transformers.AutoModelForSeq2SeqLM.from_pretrained(ckpt).to(device).eval()
-    for name, budget in _budgets(store).items():
+    dispatched = []  # the router's masks: these inputs must make it drop tokens over the expert capacity
+    hook = ref.encoder.block[1].layer[1].mlp.experts.register_forward_pre_hook(lambda m, a: dispatched.append(a[1]))
+    for name, budget in budgets(store).items():
         model = load(store, device=device, memory_budget=budget, workers=2, preload=None if name == "all" else False)
         try:
             assert isinstance(model, type(ref))
@@ -58,6 +60,7 @@ def test_logits_and_tokens_equal_transformers(converted, device):
                 assert torch.equal(out.sequences, ref_out.sequences)
                 assert all(torch.equal(a, b) for a, b in zip(out.logits, ref_out.logits, strict=True))
             stats = model.zipmoe_engine.stats.snapshot()
+            assert stats["steps"] > 0
             assert model.zipmoe_engine.resident == (name == "all")
             assert (stats["experts_served"] > 0) == (name != "all")
             budget_obj = model.zipmoe_engine.cache.budget
@@ -68,12 +71,21 @@ def test_logits_and_tokens_equal_transformers(converted, device):
             unload(model)
         if name == "all":  # unload gave the pool's memory back: the expert modules hold meta placeholders
             assert all(p.is_meta for n, p in model.named_parameters() if ".experts.expert_" in n)
+    hook.remove()
+    routed = torch.cat([m.sum(dim=-1).flatten() for m in dispatched])
+    assert (routed == 0).any() and (routed == 1).any()
 
 
 def test_an_experts_implementation_it_does_not_have_is_refused(converted):
     _, store = converted
     with pytest.raises(UnsupportedModelError, match="own loop"):
         load(store, experts_implementation="grouped_mm", workers=1)
+
+
+def test_prefetch_is_refused_rather_than_reserving_memory_for_nothing(converted):
+    _, store = converted
+    with pytest.raises(UnsupportedModelError, match="prefetch"):
+        load(store, prefetch=True, workers=1)
 
 
 def test_the_token_loop_says_to_use_generate(converted):

@@ -55,19 +55,43 @@ def _pair(path, device="cpu", seed=3):
     return ref, model, source
 
 
-@pytest.mark.parametrize("steps", [(1, 1), (2, 2), (2, 4), (4, 1)], ids=str)
-def test_the_adapter_names_the_containers_transformers_builds(steps):
-    """The sparse-block rule is the adapter's copy of SwitchTransformersStack's: check it on several steps."""
-    enc, dec = steps
-    config = transformers.SwitchTransformersConfig(**{**TINY_SEQ2SEQ_CONFIGS["switch_transformers"],
-                                                      "num_sparse_encoder_layers": 4 // enc,
-                                                      "num_sparse_decoder_layers": 4 // dec})
+@pytest.mark.parametrize("blocks", [(4, 4, 4, 4), (4, 2, 2, 1), (6, 3, 3, 1), (4, 4, 1, 2), (2, 6, 0, 3)], ids=str)
+def test_the_adapter_names_the_containers_transformers_builds(blocks):
+    """The sparse-block rule is the adapter's copy of SwitchTransformersStack's; store layer ids count the
+    encoder's blocks first, then the decoder's."""
+    enc, dec, sparse_enc, sparse_dec = blocks
+    config = transformers.SwitchTransformersConfig(**{
+        **TINY_SEQ2SEQ_CONFIGS["switch_transformers"], "num_layers": enc, "num_decoder_layers": dec,
+        "num_sparse_encoder_layers": sparse_enc, "num_sparse_decoder_layers": sparse_dec})
     with torch.device("meta"):
         model = transformers.AutoModelForSeq2SeqLM.from_config(config)
-    built = {n for n, m in model.named_modules() if type(m).__name__ == "SwitchTransformersExperts"}
-    named = get_adapter("switch_transformers").containers(config.to_dict())
-    assert {name for _, name in named} == built
-    assert len({layer for layer, _ in named}) == len(named)  # one store layer id per container
+    built = sorted(((0, int(n.split(".")[2])) if n.startswith("encoder") else (enc, int(n.split(".")[2])), n)
+                   for n, m in model.named_modules() if type(m).__name__ == "SwitchTransformersExperts")
+    assert get_adapter("switch_transformers").containers(config.to_dict()) == [(o + b, n) for (o, b), n in built]
+
+
+def test_the_layout_of_a_raw_config_is_the_one_transformers_builds(checkpoint):
+    """The converter sees config.json as a dict, the loader a config object: both must give the layout
+    transformers builds, which derives missing sparse steps from num_sparse_*_layers and lets explicit
+    steps override them."""
+    _, config = _tensors(checkpoint)
+    adapter = get_adapter("switch_transformers")
+    for odd in ({}, {"encoder_sparse_step": 4, "decoder_sparse_step": 1}):
+        raw = {k: v for k, v in config.items() if not k.endswith("_sparse_step")} | odd
+        with torch.device("meta"):
+            model = transformers.AutoModelForSeq2SeqLM.from_config(
+                transformers.AutoConfig.for_model(**raw))
+        built = {n for n, m in model.named_modules() if type(m).__name__ == "SwitchTransformersExperts"}
+        assert {name for _, name in adapter.containers(raw)} == built
+        assert adapter.containers(raw) == adapter.containers(model.config.to_dict())
+
+
+def test_expert_weights_the_config_does_not_place_are_refused(checkpoint):
+    from zipmoe.errors import ConversionError
+
+    tensors, config = _tensors(checkpoint)
+    with pytest.raises(ConversionError, match="look like routed experts"):
+        expert_tensor_plan(list(tensors), {**config, "encoder_sparse_step": 4})  # block 3's experts left over
 
 
 def test_plan_takes_every_expert_weight_and_nothing_else(checkpoint):
@@ -75,7 +99,7 @@ def test_plan_takes_every_expert_weight_and_nothing_else(checkpoint):
     plan = expert_tensor_plan(list(tensors), config)
     adapter = get_adapter(config["model_type"])
     layers = adapter.moe_layers(config)
-    assert plan.moe_layers == layers == [1, 3, 5, 7]  # encoder blocks 1, 3; decoder blocks 1, 3 after 4 encoder blocks
+    assert plan.moe_layers == layers == [1, 3, 5]  # encoder blocks 1, 3; decoder block 1 after 4 encoder blocks
     assert sorted(plan.experts) == [ExpertKey(layer, e) for layer in layers for e in range(config["num_experts"])]
     for srcs in plan.experts.values():
         assert tuple(s.proj for s in srcs) == UNGATED
@@ -105,7 +129,7 @@ def test_logits_and_greedy_tokens_equal(checkpoint, device):
         assert torch.equal(got.sequences, want.sequences)
         assert all(torch.equal(g, w) for g, w in zip(got.logits, want.logits, strict=True))
     layers = {layer for layer, _ in source.calls}
-    assert layers == {1, 3, 5, 7} and all(list(needed) == sorted(set(needed)) for _, needed in source.calls)
+    assert layers == {1, 3, 5} and all(list(needed) == sorted(set(needed)) for _, needed in source.calls)
 
 
 def test_the_router_drops_tokens_over_capacity_in_these_inputs(checkpoint):
@@ -137,6 +161,44 @@ def test_other_implementations_are_refused(checkpoint):
     _, model, source = _pair(checkpoint)
     with pytest.raises(UnsupportedModelError, match="its own loop"):
         pe.install(model, source, get_adapter("switch_transformers"), "grouped_mm")
+
+
+def test_installing_again_keeps_one_served_class_and_exact_logits(checkpoint):
+    ref, model, source = _pair(checkpoint)
+    adapter = get_adapter("switch_transformers")
+    pe.install(model, source, adapter)
+    for _, _, container in pe.containers(model, adapter):
+        assert [c.__name__ for c in type(container).__mro__].count("ZipMoESwitchTransformersExperts") == 1
+    ids, mask, dec = _inputs(4)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                           ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits)
+
+
+def test_forwards_on_two_threads_stay_exact(checkpoint):
+    """The served loop writes nothing into the expert modules, so one model may run on several threads
+    (the server does): a parameter swap per call would let one thread compute with another's weights."""
+    import threading
+
+    ref, model, _ = _pair(checkpoint)
+    inputs = [_inputs(2, seed=k) for k in range(2)]
+    with torch.no_grad():
+        want = [ref(input_ids=i, attention_mask=m, decoder_input_ids=d).logits for i, m, d in inputs]
+    wrong = []
+
+    def work(k):
+        for _ in range(25):
+            i, m, d = inputs[k]
+            with torch.no_grad():
+                wrong.append(not torch.equal(model(input_ids=i, attention_mask=m, decoder_input_ids=d).logits, want[k]))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wrong) == 50 and not any(wrong)
+    assert all(p.is_meta for n, p in model.named_parameters() if ".experts.expert_" in n)
 
 
 def test_the_served_model_can_be_dropped_without_the_garbage_collector(checkpoint):

@@ -63,6 +63,9 @@ class EngineStats:
         }
 
 
+_STEP_INPUTS = ("decoder_input_ids", "input_ids", "decoder_inputs_embeds", "inputs_embeds")  # first present wins
+
+
 class StepClock:
     """Times each model forward via hooks: a pre-hook starts the clock, a post-hook records it.
 
@@ -75,9 +78,9 @@ class StepClock:
         self._lock = threading.Lock()
 
     def pre(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
+        # an encoder-decoder model's steps are its decoder's (generate() runs the encoder once, before them,
+        # outside this forward: its time is in no step)
+        ids = next((kwargs[k] for k in _STEP_INPUTS if kwargs.get(k) is not None), args[0] if args else None)
         self._local.query_len = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 0
         self._local.t0 = time.perf_counter()
 

@@ -22,7 +22,7 @@ H=hidden I=expert intermediate E=experts per layer K=top-k T=tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -198,7 +198,9 @@ class ModuleAdapter:
     linears: Mapping[str, str]  # canonical proj -> attribute of the expert module's nn.Linear (up -> "wi")
     projections: tuple[str, ...]  # canonical projections stored per expert, in flat-vector order
     num_experts_keys: tuple[str, ...]  # config keys holding the routed-experts count, first present wins
-    experts_forward: Any  # (container, source-backed expert call, *the container's forward args) -> output
+    # the container's forward with weights from the source: (container, *its forward's args) -> its output;
+    # per_expert.install sets container._zipmoe_experts (expert j's module) and the source it reads
+    experts_forward: Callable[..., torch.Tensor]
     child: str = "expert_{expert}"  # name of expert j inside its container
 
     def containers(self, config: Mapping[str, Any]) -> list[tuple[int, str]]:

@@ -22,6 +22,7 @@ from transformers.core_model_loading import WeightConverter, rename_source_key
 from zipmoe.errors import ZipMoEError
 from zipmoe.models.base import ModuleAdapter
 from zipmoe.models.compute import experts_modules
+from zipmoe.models.per_expert import expert_parameter_names
 from zipmoe.models.registry import get_adapter
 
 
@@ -55,8 +56,8 @@ def build_model_without_experts(
     kwargs = {} if isinstance(adapter, ModuleAdapter) else {"experts_implementation": experts_implementation}
     with torch.device("meta"):
         model = auto.from_config(hf_config, dtype=dtype, **kwargs)
-    if isinstance(adapter, ModuleAdapter):  # one nn.Module per expert (models/per_expert.py)
-        expert_keys = {n.name for n in adapter.expert_names(hf_config.to_dict())}
+    if isinstance(adapter, ModuleAdapter):  # one nn.Module per expert
+        expert_keys = expert_parameter_names(hf_config.to_dict(), adapter)
     else:
         expert_keys = {f"{n}.{p}" for _, n, _ in experts_modules(model) for p in ("gate_up_proj", "down_proj")}
     state = _renamed_dense(model, dense_state_dict, device)

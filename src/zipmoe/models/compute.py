@@ -34,8 +34,9 @@ REFERENCES = ("eager", "grouped_mm", "batched_mm")  # reference implementations 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def _experts_of(self: nn.Module, needed: list[int],
-                tokens: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def experts_of(self: nn.Module, needed: list[int],
+               tokens: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The installed source's (expert, gate_up, down) stream for this module's layer call."""
     source: ExpertSource = self._zipmoe_source
     if self._zipmoe_takes_tokens:
         return source.experts(self._zipmoe_layer, needed, tokens=tokens)
@@ -62,7 +63,7 @@ def eager_like_forward(
         counts = expert_mask.sum(dim=(-1, -2)).tolist()  # tokens per expert (+ the padding class): one sync
     needed = [e for e, n in enumerate(counts[: self.num_experts]) if n]  # the reference's expert_hit, ascending
     contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for expert, gate_up, down in _experts_of(self, needed, [counts[e] for e in needed]):
+    for expert, gate_up, down in experts_of(self, needed, [counts[e] for e in needed]):
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         current_state = hidden_states[token_idx]
         gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
@@ -97,7 +98,7 @@ def grouped_mm_like_forward(
     needed = sorted(spans)
     down_out = hidden_states.new_empty(expert_ids_g.numel(), hidden_dim)
     served: dict[int, bool] = {}
-    for expert, gate_up, down in _experts_of(self, needed, [spans[e][1] - spans[e][0] for e in needed]):
+    for expert, gate_up, down in experts_of(self, needed, [spans[e][1] - spans[e][0] for e in needed]):
         start, end = spans[expert]
         # The gate activation is elementwise along rows, so applying it to this expert's row block
         # gives the same bits as the reference's whole-(S, 2I) call (tested); the weights can then
@@ -133,7 +134,7 @@ def batched_mm_like_forward(
     gate_up_w = hidden_states.new_empty(n, *self.gate_up_proj.shape[1:])
     down_w = hidden_states.new_empty(n, *self.down_proj.shape[1:])
     served: dict[int, bool] = {}
-    for expert, gate_up, down in _experts_of(self, needed, [len(slots[e]) for e in needed]):
+    for expert, gate_up, down in experts_of(self, needed, [len(slots[e]) for e in needed]):
         for s in slots[expert]:
             gate_up_w[s].copy_(gate_up)
             down_w[s].copy_(down)
@@ -319,10 +320,14 @@ def release_resident(model: nn.Module) -> None:
     for _, _, module in experts_modules(model):
         if getattr(module, "_zipmoe_resident", None) is not None:
             for pname in ("gate_up_proj", "down_proj"):
-                old = getattr(module, pname)
-                setattr(module, pname, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
-                                                    requires_grad=False))
+                to_meta(module, pname)
             module._zipmoe_resident = None
+
+
+def to_meta(module: nn.Module, name: str) -> None:
+    """Replace the Parameter `name` of `module` by a meta placeholder of its shape and dtype (no memory)."""
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False))
 
 
 _DECODING = threading.local()  # .models: owner ids of the models in generate()'s decode phase on a GPU, per thread
@@ -398,9 +403,7 @@ def install(model: nn.Module, source: ExpertSource, reference: str | None = None
         _check_layout(name, module)
         module._zipmoe_next = routers.get(layer)
         for pname in ("gate_up_proj", "down_proj"):
-            old = getattr(module, pname)
-            setattr(module, pname, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
-                                                requires_grad=False))
+            to_meta(module, pname)
         module.intermediate_dim = module.gate_up_proj.shape[1] // 2
         module._zipmoe_source = source
         module._zipmoe_takes_tokens = takes_tokens(source)

@@ -118,6 +118,14 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
+    adapter = get_adapter(reader.config.get("model_type"))
+    per_module = isinstance(adapter, ModuleAdapter)  # one nn.Module per expert (models/per_expert.py)
+    if prefetch and per_module:
+        raise UnsupportedModelError(
+            f"prefetch=True is not available for {adapter.model_type}: it predicts the next MoE layer's experts "
+            "with the router of a fused experts layer, which this model does not have; leave prefetch off")
+    if per_module:  # before any work: these models have one implementation
+        per_expert.check_reference(adapter, experts_implementation)
     shapes = ExpertShapes.of(entries[0])
     numel = uniform_numel(e.numel for e in entries)
     e_slot = reader.max_e_region_bytes
@@ -130,11 +138,11 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     progress("allocating the expert cache")
     dense_bytes = sum(t.numel() * t.element_size() for t in dense.values())
     n_experts = len({e.key.expert for e in entries})
-    slots = staging_slots or max(1, min(n_experts, 2 * _top_k(reader.config)))
+    top_k = adapter.top_k(reader.config) if per_module else _top_k(reader.config)
+    slots = staging_slots or max(1, min(n_experts, 2 * top_k))
     per_entry = entry_bytes(numel, e_slot)
     staging = staging_nbytes(slots, numel, per_entry[State.S], per_entry[State.E], exp=False)
     staging += slots * 2 * numel if device.type == "cuda" else 0  # pinned host BF16 for the H2D copy
-    top_k = _top_k(reader.config)
     prefetch_bytes = Prefetcher.nbytes(top_k, per_entry[State.S], per_entry[State.E]) if prefetch else 0
     if memory_budget is None:  # room for every expert decoded (and the read-ahead slots)
         budget = MemoryBudget(dense_bytes + staging + prefetch_bytes + len(entries) * per_entry[State.F])
@@ -176,8 +184,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
             engine.preload()
         progress("building the model")
         model = build_model_without_experts(reader.path, dense, device, None, experts_implementation)
-        adapter = get_adapter(model.config.model_type)
-        if isinstance(adapter, ModuleAdapter):  # one nn.Module per expert
+        if per_module:
             per_expert.install(model, engine, adapter, experts_implementation)
             serve_resident = functools.partial(per_expert.serve_resident, adapter=adapter)
             release_resident = functools.partial(per_expert.release_resident, adapter=adapter)
@@ -226,9 +233,6 @@ class _Stages:
 
 
 def _top_k(config: dict) -> int:
-    adapter = get_adapter(config.get("model_type"))
-    if isinstance(adapter, ModuleAdapter):
-        return adapter.top_k(config)
     for name in ("num_experts_per_tok", "moe_top_k", "top_k"):
         if isinstance(config.get(name), int):
             return config[name]

@@ -5,11 +5,12 @@ Called by the converter with the checkpoint's tensor names (all shards) and its 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from zipmoe.errors import ConversionError, UnsupportedModelError
-from zipmoe.models.base import PROJ_ORDER, ExpertPlan, FusedName, ProjSource, group_by_expert
+from zipmoe.models.base import PROJ_ORDER, ExpertPlan, FusedName, ModuleAdapter, ProjSource, group_by_expert
 from zipmoe.models.generic import FUSED_RE, PER_EXPERT_RE, GenericAdapter
 from zipmoe.models.registry import get_adapter, unsupported_message
 from zipmoe.types import ExpertKey
@@ -38,7 +39,7 @@ def expert_tensor_plan(
     _check_no_duplicates(items)
     experts = group_by_expert(items)
     used = {src.tensor for _, src in items}
-    _check_leftovers(names - used, model_type)
+    _check_leftovers(names - used, model_type, adapter)
     if not experts:
         _raise_no_experts(model_type, adapter, config)
     _check_complete(experts, adapter, config)
@@ -81,8 +82,12 @@ def _check_no_duplicates(items: list[tuple[ExpertKey, ProjSource]]) -> None:
             )
 
 
-def _check_leftovers(leftover: set[str], model_type: Any) -> None:
-    odd = sorted(n for n in leftover if PER_EXPERT_RE.match(n) or FUSED_RE.match(n))
+def _check_leftovers(leftover: set[str], model_type: Any, adapter: Any) -> None:
+    """No tensor that looks like a routed expert's may be left to the dense part."""
+    child = None
+    if isinstance(adapter, ModuleAdapter):  # e.g. "...experts.expert_7.wi.weight"
+        child = re.compile(r"(?:^|\.)" + re.escape(adapter.child).replace(r"\{expert\}", r"\d+") + r"\.")
+    odd = sorted(n for n in leftover if PER_EXPERT_RE.match(n) or FUSED_RE.match(n) or (child and child.search(n)))
     if odd:
         raise ConversionError(
             f"model_type {model_type!r}: {len(odd)} tensor(s) look like routed experts but do not match the "

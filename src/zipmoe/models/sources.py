@@ -35,11 +35,9 @@ class InMemoryExpertSource:
                         for layer, _, m in experts_modules(model)}, seed)
         weights = {}
         for layer, name, _ in per_expert.containers(model, adapter):
-            per = [dict(model.get_submodule(f"{name}.{adapter.child.format(expert=e)}").named_parameters())
-                   for e in range(adapter.num_experts(model.config.to_dict()))]
-            first = [torch.cat([p[f"{adapter.linears[j]}.weight"] for j in adapter.projections[:-1]]) for p in per]
-            last = [p[f"{adapter.linears[adapter.projections[-1]]}.weight"] for p in per]
-            weights[layer] = (torch.stack(first).detach().clone(), torch.stack(last).detach().clone())
+            pairs = [per_expert.expert_weights(adapter, model.get_submodule(f"{name}.{adapter.child.format(expert=e)}"))
+                     for e in range(adapter.num_experts(model.config.to_dict()))]
+            weights[layer] = tuple(torch.stack(ws).detach().clone() for ws in zip(*pairs, strict=True))
         return cls(weights, seed)
 
     def experts(self, layer: int, needed: Sequence[int],
