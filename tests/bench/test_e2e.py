@@ -290,3 +290,13 @@ def test_router_hook_drives_every_architecture(model_type: str) -> None:
     assert [c[0] for c in fixed.calls] == [layer for layer, _ in found]
     for (layer, _), ids in zip(found, seen, strict=True):
         assert torch.equal(ids, torch.from_numpy(fixed.topk(layer, 1, 5)))
+
+
+def test_the_commit_a_run_names_can_be_set_for_a_copied_tree(monkeypatch):
+    from zipmoe.bench.baselines.workdir import commit
+
+    monkeypatch.delenv("ZIPMOE_COMMIT", raising=False)
+    here = commit()
+    assert here and here != "sent-at-abc123"
+    monkeypatch.setenv("ZIPMOE_COMMIT", "sent-at-abc123")
+    assert commit() == "sent-at-abc123"

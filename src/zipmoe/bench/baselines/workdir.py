@@ -166,7 +166,10 @@ def prepare_workdir(args: Any, need_raw: bool, need_offload: bool = False) -> tu
 
 
 def commit() -> str:
-    """The source commit (with '+dirty' when tracked files changed); $ZIPMOE_COMMIT where git is absent."""
+    """The source commit (with '+dirty' when tracked files changed). $ZIPMOE_COMMIT, when set, wins: the
+    device machine's copy of the tree carries a stale .git, so its runs name the commit they were sent at."""
+    if os.environ.get("ZIPMOE_COMMIT"):
+        return os.environ["ZIPMOE_COMMIT"]
     root = Path(__file__).resolve().parents[4]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
