@@ -3,10 +3,10 @@
 Stage: models, like compute.py, for the layouts transformers does not fuse (SwitchTransformers). Each
 experts container's class is swapped for a subclass (no bound method on the instance, so no cycle keeps
 the model alive) whose forward is the adapter's copy of transformers' loop: it asks the source for every
-needed expert at once, runs each as its weights arrive through the adapter's `expert_forward`, the
-expert module's own forward with the served weights passed as arguments (the same kernels, hence the
-same bits; nothing is written into the module, so concurrent forwards on other threads are safe), and
-combines in the reference's order. With every expert resident (serve_resident), the expert modules get
+needed expert at once, runs each as its weights arrive through the adapter's copy of the expert module's
+forward, with the served weights passed as arguments (the same kernels, hence the same bits; nothing is
+written into the module, so concurrent forwards on other threads are safe), and combines in the
+reference's order. With every expert resident (serve_resident), the expert modules get
 views of the F pool as their weights and transformers' own forward runs. Inference only: in training
 mode an expert's dropout would draw its random numbers in arrival order.
 """
