@@ -109,12 +109,12 @@ def convert(
 
 
 def _plan(ckpt: Checkpoint) -> ExpertPlan:
-    """The adapter's plan; 'no experts' means this is not an MoE checkpoint we can convert."""
+    """The adapter's plan; an unsupported model (no experts found, or a layout the engine cannot serve) is
+    refused before anything is written."""
     try:
         return expert_tensor_plan(ckpt.names, ckpt.config, shapes=ckpt.shapes)
     except UnsupportedModelError as exc:
-        raise ConversionError(f"{ckpt.root} does not look like a Mixture-of-Experts checkpoint: {exc}") \
-            from None
+        raise ConversionError(f"{ckpt.root} is not a Mixture-of-Experts checkpoint zipmoe can convert: {exc}") from None
 
 
 def _check_dtypes(ckpt: Checkpoint, plan: ExpertPlan, allow_raw: bool) -> frozenset[ExpertKey]:

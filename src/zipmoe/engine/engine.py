@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,18 +53,21 @@ class ExpertShapes:
 
     @classmethod
     def of(cls, entry: ExpertEntry) -> ExpertShapes:
-        names = tuple(t.name for t in entry.tensors)
-        if names == ("up", "down"):
-            up, down = (entry.tensor(n).shape for n in names)
-            if tuple(down) != (up[1], up[0]):
-                raise UnsupportedModelError(f"{entry.key}: projection shapes up {up} down {down} are not an MLP "
-                                            "(down == up transposed); zipmoe cannot serve them")
-            return cls(gate_up=(up[0], up[1]), down=(down[0], down[1]))
-        gate, up, down = (entry.tensor(n).shape for n in ("gate", "up", "down"))
-        if gate != up or tuple(down) != (gate[1], gate[0]):
-            raise UnsupportedModelError(f"{entry.key}: projection shapes gate {gate} up {up} down {down} are not a "
-                                        "gated MLP (gate == up, down == up transposed); zipmoe cannot serve them")
-        return cls(gate_up=(2 * gate[0], gate[1]), down=(down[0], down[1]))
+        return cls.from_projections({t.name: tuple(t.shape) for t in entry.tensors}, str(entry.key))
+
+    @classmethod
+    def from_projections(cls, shapes: Mapping[str, tuple[int, ...]], what: str) -> ExpertShapes:
+        """From {projection: shape}: gate [I,H], up [I,H], down [H,I], or up and down alone. Anything else (a
+        transposed or interleaved layout, say) raises, naming `what`."""
+        names = tuple(shapes)
+        up, down = shapes.get("up"), shapes.get("down")
+        gated = names == ("gate", "up", "down") and shapes["gate"] == up
+        if (gated or names == ("up", "down")) and len(up) == len(down) == 2 and tuple(down) == (up[1], up[0]):
+            return cls(gate_up=((2 if gated else 1) * up[0], up[1]), down=(down[0], down[1]))
+        have = ", ".join(f"{n} {tuple(v)}" for n, v in shapes.items())
+        raise UnsupportedModelError(f"{what}: projection shapes {have} are not an MLP zipmoe serves (gate and up "
+                                    "[I, H] or up alone, down [H, I]); transposed or interleaved expert layouts "
+                                    "(gpt_oss, say) are not supported")
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,11 @@ class ProjSource:
     part: int = 0  # which of `parts` equal row blocks (fused gate_up: gate=0, up=1)
     parts: int = 1  # number of row blocks in the (expert slice of the) tensor
 
+    def shape_in(self, tensor_shape: Sequence[int]) -> tuple[int, ...]:
+        """This projection's shape, given the shape of the whole checkpoint tensor (what take() returns)."""
+        shape = tuple(tensor_shape[1:] if self.index is not None else tensor_shape)
+        return (shape[0] // self.parts, *shape[1:]) if shape else shape
+
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
         """This projection's [rows, cols] view of `tensor` (the full checkpoint tensor; no copy)."""
         t = tensor if self.index is None else tensor[self.index]

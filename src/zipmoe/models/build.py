@@ -90,7 +90,9 @@ def _renamed_dense(
     meta_sd = model.state_dict()
     out = {}
     for key, tensor in dense.items():
-        name, _ = rename_source_key(key, renamings, [], model.base_model_prefix, meta_sd)
+        # a key that already names a model tensor stays (transformers' loader keeps deepseek_v4's model.norm,
+        # which its `.norm.` -> `.kv_norm.` renaming would otherwise move)
+        name = key if key in meta_sd else rename_source_key(key, renamings, [], model.base_model_prefix, meta_sd)[0]
         if name not in meta_sd:
             raise ZipMoEError(
                 f"dense tensor {key!r} (as {name!r}) has no place in {type(model).__name__}: the store was "

@@ -2,8 +2,9 @@
 
 Routed experts are recognised by the usual naming, `...layers.{l}.<path>.experts.{j}.<proj>.weight`
 with <proj> in gate_proj/up_proj/down_proj (or Mixtral-style w1/w3/w2), or the fused
-`...layers.{l}.<path>.experts.gate_up_proj` / `.down_proj`. A path segment must be exactly
-`experts`, so `shared_experts` / `shared_expert` stay dense.
+`...layers.{l}.<path>.experts.gate_up_proj` / `.down_proj` (GraniteMoe's checkpoints:
+`block_sparse_moe.input_linear.weight` / `output_linear.weight`, which transformers renames to those).
+A path segment must be exactly `experts`, so `shared_experts` / `shared_expert` stay dense.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ PER_EXPERT_RE = re.compile(
     r"^.*?\blayers\.(?P<layer>\d+)\.(?:\w+\.)+?experts\.(?P<expert>\d+)\."
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
 )
-FUSED_RE = re.compile(r"^.*?\blayers\.(?P<layer>\d+)\.(?:\w+\.)+?experts\.(?P<proj>gate_up_proj|down_proj)$")
+FUSED_RE = re.compile(
+    r"^.*?\blayers\.(?P<layer>\d+)\.(?:(?:\w+\.)+?experts\.(?P<proj>gate_up_proj|down_proj)"
+    r"|block_sparse_moe\.(?P<proj_linear>input_linear|output_linear)\.weight)$"  # anchored: not shared_mlp's
+)
 _PROJ = {"gate_proj": GATE, "w1": GATE, "up_proj": UP, "w3": UP, "down_proj": DOWN, "w2": DOWN}
-_FUSED_PROJS = {"gate_up_proj": (GATE, UP), "down_proj": (DOWN,)}
+_FUSED_PROJS = {"gate_up_proj": (GATE, UP), "down_proj": (DOWN,), "input_linear": (GATE, UP),
+                "output_linear": (DOWN,)}
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -57,7 +62,7 @@ class GenericAdapter:
                 key = ExpertKey(int(m["layer"]), int(m["expert"]))
                 per.append(ExpertName(name, key, _PROJ[m["proj"]]))
             elif m := FUSED_RE.match(name):
-                fused.append(FusedName(name, int(m["layer"]), _FUSED_PROJS[m["proj"]]))
+                fused.append(FusedName(name, int(m["layer"]), _FUSED_PROJS[m["proj"] or m["proj_linear"]]))
         return per, fused
 
 

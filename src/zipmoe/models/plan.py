@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from zipmoe.engine.engine import ExpertShapes
 from zipmoe.errors import ConversionError, UnsupportedModelError
 from zipmoe.models.base import PROJ_ORDER, ExpertPlan, FusedName, ModuleAdapter, ProjSource, group_by_expert
 from zipmoe.models.generic import FUSED_RE, PER_EXPERT_RE, GenericAdapter
@@ -43,6 +44,9 @@ def expert_tensor_plan(
     if not experts:
         _raise_no_experts(model_type, adapter, config)
     _check_complete(experts, adapter, config)
+    if shapes is not None:  # refuse what the engine cannot serve now, not after a long conversion
+        for key, srcs in experts.items():
+            ExpertShapes.from_projections({s.proj: s.shape_in(shapes[s.tensor]) for s in srcs}, str(key))
     return ExpertPlan(
         model_type=str(model_type),
         adapter=adapter.model_type,

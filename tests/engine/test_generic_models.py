@@ -1,0 +1,91 @@
+"""The generic rule on HF MoE families that have no adapter of their own: convert a tiny random checkpoint
+and require logits and greedy tokens torch.equal to plain transformers, everything fits / half / minimum,
+batch 1 and 4 (left padding). A wider sweep of 44 model types (34 served) is in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tests.engine.engine_helpers import budgets
+from tests.tiny_models import _randomize_
+
+from zipmoe.convert import convert
+from zipmoe.errors import ConversionError
+from zipmoe.models.load import load, unload
+from zipmoe.models.registry import ADAPTERS
+
+_BASE = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_MLA = dict(num_key_value_heads=4, head_dim=8, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+            qk_rope_head_dim=8, v_head_dim=16)
+FAMILIES = {  # what each row covers
+    # MLA attention, a shared expert, grouped top-k routing
+    "deepseek_v3": dict(_MLA, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                        num_experts_per_tok=3, first_k_dense_replace=0, n_shared_experts=1, topk_group=1, n_group=1),
+    # checkpoint names its fused experts block_sparse_moe.input_linear / output_linear; a shared MLP beside them
+    "granitemoeshared": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=3,
+                             shared_intermediate_size=32),
+    # linear-attention layers between the full ones, a gated shared expert
+    "qwen3_next": dict(head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                       num_experts_per_tok=3, decoder_sparse_step=1, mlp_only_layers=[],
+                       shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16),
+    # its checkpoint keeps model.norm.weight, which one of transformers' renamings would move
+    "deepseek_v4": dict(head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+                        n_shared_experts=1, q_lora_rank=24, qk_rope_head_dim=8, mlp_layer_types=["moe", "moe"],
+                        layer_types=["heavily_compressed_attention", "heavily_compressed_attention"]),
+    # Mixtral-like experts with its own router (sparsemixer)
+    "phimoe": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+}
+
+
+def _checkpoint(model_type: str, path, **extra):
+    config = transformers.AutoConfig.for_model(model_type, **{**_BASE, **FAMILIES.get(model_type, {}), **extra})
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_(model, 0)
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _inputs(batch: int):
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, 150, (batch, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : row + 1] = 0
+        ids[row, : row + 1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_served_bit_exactly_by_the_generic_rule(model_type, tmp_path):
+    assert model_type not in ADAPTERS  # these rows test the generic rule
+    ckpt = _checkpoint(model_type, tmp_path / "hf")
+    store = convert(ckpt, tmp_path / "store", progress=False, workers=2)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    for name, budget in budgets(store).items():
+        model = load(store, memory_budget=budget, workers=1, preload=None if name == "all" else False)
+        try:
+            for batch in (1, 4):
+                ids, mask = _inputs(batch)
+                with torch.no_grad():
+                    got, want = model(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids,
+                                                                                  attention_mask=mask).logits
+                    assert torch.equal(got, want), f"{name} budget, batch {batch}"
+                    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+                    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+            assert (model.zipmoe_engine.stats.snapshot()["experts_served"] > 0) == (name != "all")
+        finally:
+            unload(model)
+
+
+def test_a_transposed_interleaved_layout_is_refused_before_anything_is_written(tmp_path):
+    """gpt_oss keeps gate_up_proj as [E, H, 2I] with gate and up interleaved (plus biases): slicing it as
+    [E, 2I, H] would store wrong projections, so conversion stops with what is wrong."""
+    ckpt = _checkpoint("gpt_oss", tmp_path / "hf", head_dim=16, intermediate_size=96, num_local_experts=8,
+                       num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    with pytest.raises(ConversionError, match="transposed or interleaved"):
+        convert(ckpt, tmp_path / "store", progress=False, workers=1)
+    assert not (tmp_path / "store").exists()
