@@ -36,6 +36,11 @@ FAMILIES = {  # what each row covers
     "deepseek_v4": dict(head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
                         n_shared_experts=1, q_lora_rank=24, qk_rope_head_dim=8, mlp_layer_types=["moe", "moe"],
                         layer_types=["heavily_compressed_attention", "heavily_compressed_attention"]),
+    # experts without a gate (up, relu², down), Mamba layers, a shared expert
+    "nemotron_h": dict(head_dim=16, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                       num_experts_per_tok=3, layer_types=["linear_attention", "moe", "full_attention", "moe"],
+                       num_hidden_layers=4, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1,
+                       chunk_size=16, moe_shared_expert_intermediate_size=32, n_shared_experts=1),
     # Mixtral-like experts with its own router (sparsemixer)
     "phimoe": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
 }
@@ -79,6 +84,15 @@ def test_served_bit_exactly_by_the_generic_rule(model_type, tmp_path):
             assert (model.zipmoe_engine.stats.snapshot()["experts_served"] > 0) == (name != "all")
         finally:
             unload(model)
+
+
+def test_experts_without_a_gate_refuse_the_eager_reference(tmp_path):
+    """NemotronHExperts' own eager loop accumulates in float32, unlike the loop zipmoe copies: say so."""
+    from zipmoe.errors import UnsupportedModelError
+
+    store = convert(_checkpoint("nemotron_h", tmp_path / "hf"), tmp_path / "store", progress=False, workers=1)
+    with pytest.raises(UnsupportedModelError, match="no gate"):
+        load(store, experts_implementation="eager", workers=1)
 
 
 def test_a_transposed_interleaved_layout_is_refused_before_anything_is_written(tmp_path):

@@ -21,7 +21,7 @@ from transformers.core_model_loading import WeightConverter, rename_source_key
 
 from zipmoe.errors import ZipMoEError
 from zipmoe.models.base import ModuleAdapter
-from zipmoe.models.compute import experts_modules
+from zipmoe.models.compute import experts_modules, in_proj
 from zipmoe.models.per_expert import expert_parameter_names
 from zipmoe.models.registry import get_adapter
 
@@ -59,7 +59,7 @@ def build_model_without_experts(
     if isinstance(adapter, ModuleAdapter):  # one nn.Module per expert
         expert_keys = expert_parameter_names(hf_config.to_dict(), adapter)
     else:
-        expert_keys = {f"{n}.{p}" for _, n, _ in experts_modules(model) for p in ("gate_up_proj", "down_proj")}
+        expert_keys = {f"{n}.{p}" for _, n, m in experts_modules(model) for p in (in_proj(m), "down_proj")}
     state = _renamed_dense(model, dense_state_dict, device)
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

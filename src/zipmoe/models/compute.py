@@ -103,7 +103,7 @@ def grouped_mm_like_forward(
         # The gate activation is elementwise along rows, so applying it to this expert's row block
         # gives the same bits as the reference's whole-(S, 2I) call (tested); the weights can then
         # be released as soon as the source is resumed.
-        proj_out = self._apply_gate(_one_group_linear(selected_hidden_states_g[start:end], gate_up))
+        proj_out = _activate(self, _one_group_linear(selected_hidden_states_g[start:end], gate_up))
         down_out[start:end] = _one_group_linear(proj_out, down)
         served[expert] = True
     check_served(needed, served)
@@ -131,7 +131,7 @@ def batched_mm_like_forward(
         slots.setdefault(expert, []).append(s)
     needed = sorted(slots)
     n = len(sample_weights)
-    gate_up_w = hidden_states.new_empty(n, *self.gate_up_proj.shape[1:])
+    gate_up_w = hidden_states.new_empty(n, *getattr(self, in_proj(self)).shape[1:])
     down_w = hidden_states.new_empty(n, *self.down_proj.shape[1:])
     served: dict[int, bool] = {}
     for expert, gate_up, down in experts_of(self, needed, [len(slots[e]) for e in needed]):
@@ -140,11 +140,21 @@ def batched_mm_like_forward(
             down_w[s].copy_(down)
         served[expert] = True
     check_served(needed, served)
-    proj_out = self._apply_gate(_batched_linear(selected_hidden_states, gate_up_w, bias=None, is_transposed=False))
+    proj_out = _activate(self, _batched_linear(selected_hidden_states, gate_up_w, bias=None, is_transposed=False))
     proj_out = _batched_linear(proj_out, down_w, bias=None, is_transposed=False)
     weighted_out = proj_out * sample_weights.unsqueeze(-1)  # (S, H)
     final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
     return final_hidden_states.to(hidden_states.dtype)
+
+
+def in_proj(module: nn.Module) -> str:
+    """The experts module's first weight: gate_up_proj [E, 2I, H], or up_proj [E, I, H] when not gated."""
+    return "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+
+
+def _activate(self: nn.Module, proj_out: torch.Tensor) -> torch.Tensor:
+    """transformers' rule after the first projection: gated experts apply their gate, others the activation."""
+    return self._apply_gate(proj_out) if getattr(self, "has_gate", True) else self.act_fn(proj_out)
 
 
 def _one_group_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -223,7 +233,7 @@ def experts_modules(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(decoder layer, module name, module) of every fused experts module driven by the interface."""
     found = []
     for name, module in model.named_modules():
-        if all(hasattr(module, a) for a in ("is_concatenated", "gate_up_proj", "down_proj")):
+        if all(hasattr(module, a) for a in ("is_concatenated", in_proj(module), "down_proj")):
             m = _LAYER_RE.search(name + ".")
             if m is None:
                 raise UnsupportedModelError(f"experts module {name!r} is not under a '.layers.<n>.' path")
@@ -247,18 +257,26 @@ def _next_routers(model: nn.Module, modules: list[tuple[int, str, nn.Module]]) -
     }
 
 
-def _check_layout(name: str, module: nn.Module) -> None:
-    """Only the standard layout (concatenated [gate; up], not transposed, no bias, no post-norm)."""
+def _check_layout(name: str, module: nn.Module, reference: str) -> None:
+    """Only the standard layout (concatenated [gate; up] or up alone, not transposed, no bias, no post-norm).
+    Experts without a gate (nemotron_h) only against grouped_mm / batched_mm: those are transformers'
+    shared functions, while each such class writes its own eager loop (NemotronHExperts accumulates in
+    float32), which eager_like_forward does not copy."""
     odd = [
         flag
-        for flag, want in (("has_gate", True), ("is_concatenated", True), ("is_transposed", False),
-                           ("has_bias", False), ("has_post_expert_norm", False))
+        for flag, want in (("is_concatenated", True), ("is_transposed", False), ("has_bias", False),
+                           ("has_post_expert_norm", False))
         if getattr(module, flag, want) != want
     ]
     if odd:
         raise UnsupportedModelError(
             f"experts module {name!r} ({type(module).__name__}) uses a layout zipmoe does not serve yet "
-            f"({', '.join(odd)}); only gated, concatenated, non-transposed experts without bias are supported"
+            f"({', '.join(odd)}); only concatenated, non-transposed experts without bias are supported"
+        )
+    if not getattr(module, "has_gate", True) and reference == "eager":
+        raise UnsupportedModelError(
+            f"experts module {name!r} ({type(module).__name__}) has no gate: zipmoe serves such experts bit-exactly "
+            "to experts_implementation 'grouped_mm' (the default) or 'batched_mm', not to its own eager loop"
         )
 
 
@@ -299,7 +317,7 @@ def serve_resident(model: nn.Module, source: ExpertSource) -> bool:
     modules = experts_modules(model)
     if resident is None or not modules:
         return False
-    weights = [resident(layer, module.gate_up_proj.shape[0]) for layer, _, module in modules]
+    weights = [resident(layer, module.down_proj.shape[0]) for layer, _, module in modules]
     if any(w is None for w in weights):
         return False
     reference = model._zipmoe_reference
@@ -309,7 +327,7 @@ def serve_resident(model: nn.Module, source: ExpertSource) -> bool:
     except UnsupportedModelError:  # only an optimisation: the engine path serves such a model
         return False
     for (_, _, module), (gate_up, down), forward in zip(modules, weights, forwards, strict=True):
-        module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        setattr(module, in_proj(module), nn.Parameter(gate_up, requires_grad=False))
         module.down_proj = nn.Parameter(down, requires_grad=False)
         module._zipmoe_resident = forward
     return True
@@ -319,7 +337,7 @@ def release_resident(model: nn.Module) -> None:
     """Undo serve_resident (at unload): the modules let go of the pool's memory and cannot run."""
     for _, _, module in experts_modules(model):
         if getattr(module, "_zipmoe_resident", None) is not None:
-            for pname in ("gate_up_proj", "down_proj"):
+            for pname in (in_proj(module), "down_proj"):
                 to_meta(module, pname)
             module._zipmoe_resident = None
 
@@ -400,11 +418,11 @@ def install(model: nn.Module, source: ExpertSource, reference: str | None = None
         )
     routers = _next_routers(model, modules)
     for layer, name, module in modules:
-        _check_layout(name, module)
+        _check_layout(name, module, reference)
         module._zipmoe_next = routers.get(layer)
-        for pname in ("gate_up_proj", "down_proj"):
+        for pname in (in_proj(module), "down_proj"):
             to_meta(module, pname)
-        module.intermediate_dim = module.gate_up_proj.shape[1] // 2
+        module.intermediate_dim = module.down_proj.shape[2]
         module._zipmoe_source = source
         module._zipmoe_takes_tokens = takes_tokens(source)
         module._zipmoe_owner = id(model)

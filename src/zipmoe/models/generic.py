@@ -4,6 +4,7 @@ Routed experts are recognised by the usual naming, `...layers.{l}.<path>.experts
 with <proj> in gate_proj/up_proj/down_proj (or Mixtral-style w1/w3/w2), or the fused
 `...layers.{l}.<path>.experts.gate_up_proj` / `.down_proj` (GraniteMoe's checkpoints:
 `block_sparse_moe.input_linear.weight` / `output_linear.weight`, which transformers renames to those).
+Experts without a gate (nemotron_h) have up and down only, per expert or fused (`experts.up_proj`).
 A path segment must be exactly `experts`, so `shared_experts` / `shared_expert` stay dense.
 """
 
@@ -21,11 +22,11 @@ PER_EXPERT_RE = re.compile(
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
 )
 FUSED_RE = re.compile(
-    r"^.*?\blayers\.(?P<layer>\d+)\.(?:(?:\w+\.)+?experts\.(?P<proj>gate_up_proj|down_proj)"
+    r"^.*?\blayers\.(?P<layer>\d+)\.(?:(?:\w+\.)+?experts\.(?P<proj>gate_up_proj|up_proj|down_proj)"
     r"|block_sparse_moe\.(?P<proj_linear>input_linear|output_linear)\.weight)$"  # anchored: not shared_mlp's
 )
 _PROJ = {"gate_proj": GATE, "w1": GATE, "up_proj": UP, "w3": UP, "down_proj": DOWN, "w2": DOWN}
-_FUSED_PROJS = {"gate_up_proj": (GATE, UP), "down_proj": (DOWN,), "input_linear": (GATE, UP),
+_FUSED_PROJS = {"gate_up_proj": (GATE, UP), "up_proj": (UP,), "down_proj": (DOWN,), "input_linear": (GATE, UP),
                 "output_linear": (DOWN,)}
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 

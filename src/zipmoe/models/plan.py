@@ -11,7 +11,7 @@ from typing import Any
 
 from zipmoe.engine.engine import ExpertShapes
 from zipmoe.errors import ConversionError, UnsupportedModelError
-from zipmoe.models.base import PROJ_ORDER, ExpertPlan, FusedName, ModuleAdapter, ProjSource, group_by_expert
+from zipmoe.models.base import PROJ_ORDER, UNGATED, ExpertPlan, FusedName, ModuleAdapter, ProjSource, group_by_expert
 from zipmoe.models.generic import FUSED_RE, PER_EXPERT_RE, GenericAdapter
 from zipmoe.models.registry import get_adapter, unsupported_message
 from zipmoe.types import ExpertKey
@@ -116,7 +116,10 @@ def _raise_no_experts(model_type: Any, adapter: Any, config: Mapping[str, Any]) 
 def _check_complete(experts: Mapping[ExpertKey, tuple[ProjSource, ...]], adapter: Any, config: Any) -> None:
     """Every expert has the adapter's projections (gate, up, down unless it says otherwise); every layer
     the same contiguous expert ids 0..E-1."""
-    want = getattr(adapter, "projections", PROJ_ORDER)
+    want = getattr(adapter, "projections", None)
+    if want is None:  # the generic rule: gated, or up and down alone if the first expert says so
+        first = tuple(s.proj for s in next(iter(experts.values())))
+        want = UNGATED if first == UNGATED else PROJ_ORDER
     for key, srcs in experts.items():
         if tuple(s.proj for s in srcs) != want:
             have = ", ".join(s.proj for s in srcs)

@@ -14,7 +14,7 @@ import torch
 
 from zipmoe.models import per_expert
 from zipmoe.models.base import ModuleAdapter
-from zipmoe.models.compute import experts_modules
+from zipmoe.models.compute import experts_modules, in_proj
 from zipmoe.models.registry import get_adapter
 
 
@@ -31,7 +31,7 @@ class InMemoryExpertSource:
         """Snapshot (clone) the expert tensors of a plain transformers model, fused or per expert."""
         adapter = get_adapter(model.config.model_type)
         if not isinstance(adapter, ModuleAdapter):
-            return cls({layer: (m.gate_up_proj.detach().clone(), m.down_proj.detach().clone())
+            return cls({layer: (getattr(m, in_proj(m)).detach().clone(), m.down_proj.detach().clone())
                         for layer, _, m in experts_modules(model)}, seed)
         weights = {}
         for layer, name, _ in per_expert.containers(model, adapter):
