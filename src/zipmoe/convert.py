@@ -32,7 +32,7 @@ from zipmoe.codec import encode_expert, get_coder, shard_bounds
 from zipmoe.codec.coders.base import ExponentCoder
 from zipmoe.errors import ConversionError, UnsupportedModelError, ZipMoEError
 from zipmoe.models.base import ExpertPlan, ProjSource
-from zipmoe.models.plan import expert_tensor_plan
+from zipmoe.models.plan import checkpoint_plan
 from zipmoe.report import available_cores
 from zipmoe.store.format import DTYPE_SIZES, TensorSpec
 from zipmoe.store.reader import StoreReader
@@ -86,6 +86,9 @@ def convert(
         exp_coder = get_coder(coder, **dict(coder_params or {}))
         workers = max(1, workers or available_cores())
         k = _effective_k(ckpt, plan, shards or DEFAULT_SHARDS)
+        if plan.ignored:
+            log.info("leaving out %d tensors transformers drops on load (multi-token prediction), e.g. %s",
+                     len(plan.ignored), plan.ignored[0])
         log.info("%s (adapter %s): %d experts in %d layers, %d dense tensors; coder %s, K=%d, %d workers",
                  plan.model_type, plan.adapter, len(plan.experts), len(plan.moe_layers), len(plan.dense),
                  exp_coder.codec_id, k, workers)
@@ -112,7 +115,7 @@ def _plan(ckpt: Checkpoint) -> ExpertPlan:
     """The adapter's plan; an unsupported model (no experts found, or a layout the engine cannot serve) is
     refused before anything is written."""
     try:
-        return expert_tensor_plan(ckpt.names, ckpt.config, shapes=ckpt.shapes)
+        return checkpoint_plan(ckpt.root, ckpt.names, ckpt.config, shapes=ckpt.shapes)
     except UnsupportedModelError as exc:
         raise ConversionError(f"{ckpt.root} is not a Mixture-of-Experts checkpoint zipmoe can convert: {exc}") from None
 

@@ -262,11 +262,11 @@ def _compare_with_checkpoint(reader: StoreReader, against: str | os.PathLike, wo
     """Every expert and dense tensor and every copied file, bit-for-bit against the HF checkpoint."""
     from zipmoe.checkpoint import Checkpoint  # torch and the adapters load only for --against
     from zipmoe.convert import read_expert
-    from zipmoe.models.plan import expert_tensor_plan
+    from zipmoe.models.plan import checkpoint_plan
 
     ckpt = Checkpoint.open(against)
     try:
-        plan = expert_tensor_plan(ckpt.names, ckpt.config, shapes=ckpt.shapes)
+        plan = checkpoint_plan(ckpt.root, ckpt.names, ckpt.config, shapes=ckpt.shapes)
         _same_keys("routed expert", sorted(reader.entries), sorted(plan.experts), against)
         decoder = _Decoder(reader)
         entries = list(reader.manifest.experts)

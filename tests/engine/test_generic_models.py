@@ -86,6 +86,34 @@ def test_served_bit_exactly_by_the_generic_rule(model_type, tmp_path):
             unload(model)
 
 
+@pytest.mark.parametrize(("model_type", "extra_prefix"), [("qwen3_next", "mtp.layers.0"),
+                                                         ("deepseek_v3", "model.layers.61")])
+def test_multi_token_prediction_layers_are_left_out_as_from_pretrained_does(model_type, extra_prefix, tmp_path):
+    """Real Qwen3-Next, DeepSeek-V3 and GLM-4.5 checkpoints carry an MTP layer (experts included) that
+    transformers drops on load; it must neither be stored nor clash with layer 0's experts."""
+    from safetensors.torch import load_file, save_file
+
+    from zipmoe.report import verify_store
+
+    ckpt = _checkpoint(model_type, tmp_path / "hf")
+    shard = next(ckpt.glob("*.safetensors"))
+    tensors = load_file(shard)
+    mtp = {k.replace("model.layers.0", extra_prefix): v.clone() for k, v in tensors.items() if ".layers.0." in k}
+    save_file({**tensors, **mtp}, str(shard), metadata={"format": "pt"})
+    store = convert(ckpt, tmp_path / "store", progress=False, workers=2)
+    assert verify_store(store, against=ckpt, progress=False).dense_tensors > 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    model = load(store, memory_budget=budgets(store)["half"], workers=1, preload=False)
+    try:
+        ids, mask = _inputs(4)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                               ref(input_ids=ids, attention_mask=mask).logits)
+        assert {k.layer for k in model.zipmoe_engine.reader.entries} == {0, 1}
+    finally:
+        unload(model)
+
+
 def test_experts_without_a_gate_refuse_the_eager_reference(tmp_path):
     """NemotronHExperts' own eager loop accumulates in float32, unlike the loop zipmoe copies: say so."""
     from zipmoe.errors import UnsupportedModelError

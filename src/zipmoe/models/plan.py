@@ -5,13 +5,16 @@ Called by the converter with the checkpoint's tensor names (all shards) and its 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from zipmoe.engine.engine import ExpertShapes
 from zipmoe.errors import ConversionError, UnsupportedModelError
 from zipmoe.models.base import PROJ_ORDER, UNGATED, ExpertPlan, FusedName, ModuleAdapter, ProjSource, group_by_expert
+from zipmoe.models.build import dense_model_names, ignored_on_load, meta_model
 from zipmoe.models.generic import FUSED_RE, PER_EXPERT_RE, GenericAdapter
 from zipmoe.models.registry import get_adapter, unsupported_message
 from zipmoe.types import ExpertKey
@@ -53,6 +56,20 @@ def expert_tensor_plan(
         experts=experts,
         dense=tuple(sorted(names - used)),
     )
+
+
+def checkpoint_plan(root: str | Path, weight_names: Iterable[str], config: Mapping[str, Any],
+                    shapes: Mapping[str, tuple[int, ...]] | None = None) -> ExpertPlan:
+    """expert_tensor_plan for a checkpoint directory, checked against the model transformers builds from it:
+    tensors from_pretrained drops are left out (`ignored`), and every dense tensor must have a place in the
+    model (what load() needs), so a checkpoint the engine cannot load is refused before hours of conversion."""
+    names = set(weight_names)
+    model = meta_model(root)
+    ignored = ignored_on_load(model, names) if model is not None else set()
+    plan = expert_tensor_plan(names - ignored, config, shapes)
+    if model is not None:
+        dense_model_names(model, plan.dense)
+    return dataclasses.replace(plan, ignored=tuple(sorted(ignored)))
 
 
 def _fused_count(f: FusedName, configured: int, shapes: Mapping[str, tuple[int, ...]] | None) -> int:
