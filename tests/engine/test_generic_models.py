@@ -15,6 +15,7 @@ from zipmoe.errors import ConversionError
 from zipmoe.models.load import load, unload
 from zipmoe.models.registry import ADAPTERS
 
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
 _BASE = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _MLA = dict(num_key_value_heads=4, head_dim=8, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
@@ -64,17 +65,18 @@ def _inputs(batch: int):
     return ids, mask
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_served_bit_exactly_by_the_generic_rule(model_type, tmp_path):
+def test_served_bit_exactly_by_the_generic_rule(model_type, device, tmp_path):
     assert model_type not in ADAPTERS  # these rows test the generic rule
     ckpt = _checkpoint(model_type, tmp_path / "hf")
     store = convert(ckpt, tmp_path / "store", progress=False, workers=2)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
     for name, budget in budgets(store).items():
-        model = load(store, memory_budget=budget, workers=1, preload=None if name == "all" else False)
+        model = load(store, device=device, memory_budget=budget, workers=1, preload=None if name == "all" else False)
         try:
             for batch in (1, 4):
-                ids, mask = _inputs(batch)
+                ids, mask = (t.to(device) for t in _inputs(batch))
                 with torch.no_grad():
                     got, want = model(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids,
                                                                                   attention_mask=mask).logits
