@@ -1,6 +1,7 @@
 """The generic rule on HF MoE families that have no adapter of their own: convert a tiny random checkpoint
 and require logits and greedy tokens torch.equal to plain transformers, everything fits / half / minimum,
-batch 1 and 4 (left padding). A wider sweep of 44 model types (34 served) is in BENCHMARKS.md."""
+batch 1 and 4 (left padding); and the checkpoints conversion must refuse or trim, as from_pretrained
+does. The sweep over 43 model types (39 served) is scripts/generic_sweep.py (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,10 @@ def test_multi_token_prediction_layers_are_left_out_as_from_pretrained_does(mode
     ckpt = _checkpoint(model_type, tmp_path / "hf")
     shard = next(ckpt.glob("*.safetensors"))
     tensors = load_file(shard)
-    mtp = {k.replace("model.layers.0", extra_prefix): v.clone() for k, v in tensors.items() if ".layers.0." in k}
+    gen = torch.Generator().manual_seed(7)  # not copies of layer 0: a misplaced MTP tensor must show
+    mtp = {k.replace("model.layers.0", extra_prefix): (v.float() + 0.02 * torch.randn(v.shape, generator=gen))
+           .to(v.dtype) for k, v in tensors.items() if ".layers.0." in k}
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # a stale buffer from_pretrained drops
     save_file({**tensors, **mtp}, str(shard), metadata={"format": "pt"})
     store = convert(ckpt, tmp_path / "store", progress=False, workers=2)
     assert verify_store(store, against=ckpt, progress=False).dense_tensors > 0
@@ -112,6 +116,65 @@ def test_multi_token_prediction_layers_are_left_out_as_from_pretrained_does(mode
             assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                                ref(input_ids=ids, attention_mask=mask).logits)
         assert {k.layer for k in model.zipmoe_engine.reader.entries} == {0, 1}
+    finally:
+        unload(model)
+
+
+def test_a_layer_the_model_has_keeps_its_tensors_even_if_an_mtp_pattern_names_it():
+    """GLM-4.5's drop pattern names layer 46 (the MTP layer of the 46-layer Air); its 92-layer sibling has
+    a real layer 46, which from_pretrained loads."""
+    from zipmoe.models.names import placements
+
+    config = transformers.AutoConfig.for_model("glm4_moe", **{**_BASE, "num_hidden_layers": 47, "intermediate_size": 96,
+                                                              "moe_intermediate_size": 32, "n_routed_experts": 4,
+                                                              "num_experts_per_tok": 2, "first_k_dense_replace": 0})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    names = [f"model.layers.{layer}.{t}" for layer in (46, 47) for t in (
+        "mlp.experts.3.gate_proj.weight", "mlp.gate.weight", "input_layernorm.weight")]
+    placed = placements(model, names)
+    assert all(placed[n].name is not None for n in names if ".46." in n)
+    assert all(placed[n].name is None for n in names if ".47." in n)
+
+
+def test_a_gated_checkpoint_missing_its_gates_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _checkpoint("phimoe", tmp_path / "hf")
+    shard = next(ckpt.glob("*.safetensors"))
+    save_file({k: v for k, v in load_file(shard).items() if not k.endswith(("gate_proj.weight", ".w1.weight"))},
+              str(shard), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="gate"):
+        convert(ckpt, tmp_path / "store", progress=False, workers=1)
+    assert not (tmp_path / "store").exists()
+
+
+def test_dense_tensors_transformers_merges_on_load_are_refused_before_conversion(tmp_path):
+    """kimi_linear's q/k/v_conv1d are concatenated by transformers on load; zipmoe stores dense tensors as
+    they are, so it says so instead of writing a store that cannot load."""
+    ckpt = _checkpoint("kimi_linear", tmp_path / "hf", **_MLA, intermediate_size=96, moe_intermediate_size=32,
+                       num_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                       layer_types=["linear_attention", "linear_attention"], mlp_layer_types=["sparse", "sparse"])
+    with pytest.raises(ConversionError, match="merges or splits"):
+        convert(ckpt, tmp_path / "store", progress=False, workers=1)
+    assert not (tmp_path / "store").exists()
+
+
+def test_experts_in_a_latent_space_with_prefetch(tmp_path):
+    """nemotron_h's experts may work in a smaller latent space than the router reads: prefetch must not
+    apply the next router to the latent input (it crashed), and results stay exact."""
+    ckpt = _checkpoint("nemotron_h", tmp_path / "hf", moe_latent_size=32)
+    store = convert(ckpt, tmp_path / "store", progress=False, workers=1)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    model = load(store, memory_budget=budgets(store)["half"], workers=1, preload=False, prefetch=True)
+    try:
+        ids, mask = _inputs(1)
+        kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+        with torch.no_grad():
+            got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
+        assert torch.equal(got.sequences, want.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))
     finally:
         unload(model)
 

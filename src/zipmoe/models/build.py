@@ -2,42 +2,27 @@
 expert Parameters are meta placeholders (no memory), ready for compute.install(model, source).
 
 Mirrors what from_pretrained does for the dense part: checkpoint key renamings (e.g. Mixtral's
-block_sparse_moe -> mlp), each tensor cast to its Parameter's dtype (DeepSeek-V2 keeps its router in
-float32), tied weights, and non-persistent buffers (rotary inv_freq) recomputed by _init_weights.
+block_sparse_moe -> mlp; models/names.py), each tensor cast to its Parameter's dtype (DeepSeek-V2 keeps
+its router in float32), tied weights, and non-persistent buffers (rotary inv_freq) recomputed by
+_init_weights. `load_hf_config` lives in names.py and is re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
-import logging
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 from torch import nn
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, rename_source_key
 
 from zipmoe.errors import UnsupportedModelError, ZipMoEError
 from zipmoe.models.base import ModuleAdapter
 from zipmoe.models.compute import experts_modules, in_proj
+from zipmoe.models.names import auto_class, load_hf_config, placements
 from zipmoe.models.per_expert import expert_parameter_names
 from zipmoe.models.registry import get_adapter
-
-log = logging.getLogger("zipmoe")
-
-
-def load_hf_config(config: str | Path | Mapping[str, Any] | transformers.PretrainedConfig):
-    """A transformers config from a directory, a config.json dict or a config object."""
-    if isinstance(config, transformers.PretrainedConfig):
-        return copy.deepcopy(config)  # never share (and mutate) the caller's config
-    if isinstance(config, str | Path):
-        return transformers.AutoConfig.from_pretrained(str(config))
-    d = dict(config)
-    return transformers.AutoConfig.for_model(d.pop("model_type"), **d)
 
 
 def build_model_without_experts(
@@ -56,7 +41,7 @@ def build_model_without_experts(
     hf_config = load_hf_config(config)
     dtype = dtype or _config_dtype(hf_config)
     adapter = get_adapter(hf_config.model_type)
-    auto = _auto_class(hf_config)
+    auto = auto_class(hf_config)
     kwargs = {} if isinstance(adapter, ModuleAdapter) else {"experts_implementation": experts_implementation}
     with torch.device("meta"):
         model = auto.from_config(hf_config, dtype=dtype, **kwargs)
@@ -89,84 +74,32 @@ def _config_dtype(hf_config: Any) -> torch.dtype:
 def _renamed_dense(
     model: nn.Module, dense: Mapping[str, torch.Tensor], device: Any
 ) -> dict[str, torch.Tensor]:
-    """Checkpoint names -> model names (transformers' renamings), each cast to its Parameter's dtype."""
+    """Checkpoint names -> model names (as from_pretrained maps them), each cast to its Parameter's dtype."""
     meta_sd = model.state_dict()
-    names = dense_model_names(model, dense)
     out = {}
-    for key, tensor in dense.items():
-        target = meta_sd[names[key]]
+    for key, place in placements(model, dense).items():
+        if place.converted:
+            raise UnsupportedModelError(merged_dense_message(model, key))
+        if place.name is None:
+            raise ZipMoEError(
+                f"dense tensor {key!r} has no place in {type(model).__name__}: the store was converted from "
+                "another model or transformers version"
+            )
+        tensor, target = dense[key], meta_sd[place.name]
         if tuple(tensor.shape) != tuple(target.shape):
             raise ZipMoEError(
                 f"dense tensor {key!r} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(target.shape)}: the store does not match config.json"
             )
-        out[names[key]] = tensor.to(device=device, dtype=target.dtype)
+        out[place.name] = tensor.to(device=device, dtype=target.dtype)
     return out
 
 
-def dense_model_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
-    """Checkpoint name -> the model's name for each dense tensor, by transformers' renamings; raises for a
-    tensor the model has no place for, or one transformers merges or splits with others on load."""
-    mapping = get_model_conversion_mapping(model)
-    renamings = [t for t in mapping if not isinstance(t, WeightConverter)]
-    converters = [t for t in mapping if isinstance(t, WeightConverter)]
-    meta_sd = model.state_dict()
-    out = {}
-    for key in keys:
-        # a key that already names a model tensor stays (transformers' loader keeps deepseek_v4's model.norm,
-        # which its `.norm.` -> `.kv_norm.` renaming would otherwise move)
-        name = key if key in meta_sd else rename_source_key(key, renamings, [], model.base_model_prefix, meta_sd)[0]
-        if name not in meta_sd and any(c.rename_source_key(name)[1] is not None for c in converters):
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: transformers merges or splits the dense tensor {key!r} with others on "
-                "load (a WeightConverter in its conversion_mapping.py); zipmoe loads dense tensors by renaming "
-                "only, so this model is not supported yet"
-            )
-        if name not in meta_sd:
-            raise ZipMoEError(
-                f"dense tensor {key!r} (as {name!r}) has no place in {type(model).__name__}: the store was "
-                "converted from another model or transformers version"
-            )
-        out[key] = name
-    return out
-
-
-def meta_model(config: str | Path | Mapping[str, Any]) -> nn.Module | None:
-    """The model transformers builds from `config`, on the meta device (no memory), to check names against;
-    None (warned) when this transformers cannot build it."""
-    try:
-        hf_config = load_hf_config(config)
-        with torch.device("meta"):
-            return _auto_class(hf_config).from_config(hf_config)
-    except (ValueError, KeyError, TypeError, OSError) as exc:  # e.g. a model_type this transformers lacks
-        log.warning("cannot build the model to check the checkpoint's tensor names (%s); load() will", exc)
-        return None
-
-
-_LAYER_PREFIX = re.compile(r"^(.*?\blayers\.\d+)\.")
-
-
-def ignored_on_load(model: nn.Module, names: Iterable[str]) -> set[str]:
-    """Checkpoint tensors from_pretrained drops: those its `_keys_to_ignore_on_load_unexpected` patterns
-    name (multi-token-prediction layers: Qwen3-Next's mtp.*, DeepSeek-V3's layer 61, GLM-4.5's extra
-    layer) when the model has no place for them (GLM-4.5 with 92 layers keeps its layer 46)."""
-    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
-    if not patterns:
-        return set()
-    regex = re.compile("|".join(f"({p})" for p in patterns))
-    modules = dict(model.named_modules())
-    meta_sd = model.state_dict()
-
-    def has_place(name: str) -> bool:
-        layer = _LAYER_PREFIX.match(name)
-        return name in meta_sd or (layer is not None and layer.group(1) in modules)
-
-    return {n for n in names if regex.search(n) and not has_place(n)}
-
-
-def _auto_class(hf_config: Any) -> type:
-    """What from_pretrained users reach for: a seq2seq LM for encoder-decoder configs, else a causal LM."""
-    return transformers.AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else transformers.AutoModelForCausalLM
+def merged_dense_message(model: nn.Module, key: str) -> str:
+    """Why a model whose dense tensors transformers merges or splits on load is refused."""
+    return (f"{type(model).__name__}: transformers merges or splits the dense tensor {key!r} with others on load "
+            "(a WeightConverter in its conversion_mapping.py); zipmoe loads dense tensors as they are stored, so "
+            "this model is not supported yet")
 
 
 def _materialize_non_persistent_buffers(model: nn.Module, device: Any) -> None:

@@ -2,7 +2,8 @@
 
 Stage: models (the arrow engine → transformers). Runs on the thread that calls model.forward.
 In: the experts module's (hidden_states [T,H], top_k_index [T,K], top_k_weights [T,K]) and the
-weights the engine yields per needed expert (gate_up [2I,H], down [H,I]); out: [T,H] that is
+weights the engine yields per needed expert (gate_up [2I,H], or up [I,H] for experts without a gate;
+down [H,I]); out: [T,H] that is
 torch.equal to transformers' own "eager" or "grouped_mm" forward over the full expert tensors.
 Each expert's matmuls run as soon as its weights arrive (any order); everything whose rounding
 depends on order or on tensor extent (index_add_ order, activations, the top-k sum) runs afterwards
@@ -245,19 +246,20 @@ def _next_routers(model: nn.Module, modules: list[tuple[int, str, nn.Module]]) -
     """layer -> the following MoE layer's router (the experts module's sibling `gate` with a 2-D weight)."""
     top_k = getattr(model.config, "num_experts_per_tok", None)
     gates = []
-    for layer, name, _ in sorted(modules):
+    for layer, name, module in sorted(modules, key=lambda m: m[0]):
         gate = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "gate", None)
         weight = getattr(gate, "weight", None)
         k = getattr(gate, "top_k", None) or top_k
-        gates.append((layer, weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None, k))
-    return {
+        width = getattr(module, in_proj(module)).shape[-1]  # what the experts see (a latent size, nemotron_h)
+        gates.append((layer, weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None, k, width))
+    return {  # a router that reads another width than this layer's experts input cannot be applied to it
         layer: NextRouter(nxt, weight, int(k))
-        for (layer, _, _), (nxt, weight, k) in itertools.pairwise(gates)
-        if weight is not None and isinstance(k, int)
+        for (layer, _, _, width), (nxt, weight, k, _) in itertools.pairwise(gates)
+        if weight is not None and isinstance(k, int) and weight.shape[1] == width
     }
 
 
-def _check_layout(name: str, module: nn.Module, reference: str) -> None:
+def check_layout(name: str, module: nn.Module, reference: str = "grouped_mm") -> None:
     """Only the standard layout (concatenated [gate; up] or up alone, not transposed, no bias, no post-norm).
     Experts without a gate (nemotron_h) only against grouped_mm / batched_mm: those are transformers'
     shared functions, while each such class writes its own eager loop (NemotronHExperts accumulates in
@@ -413,12 +415,12 @@ def install(model: nn.Module, source: ExpertSource, reference: str | None = None
     modules = experts_modules(model)
     if not modules:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no fused experts module (gate_up_proj/down_proj under "
+            f"{type(model).__name__} has no fused experts module (gate_up_proj or up_proj, and down_proj, under "
             "@use_experts_implementation); per-expert nn.Linear layouts need a dedicated adapter"
         )
     routers = _next_routers(model, modules)
     for layer, name, module in modules:
-        _check_layout(name, module, reference)
+        check_layout(name, module, reference)
         module._zipmoe_next = routers.get(layer)
         for pname in (in_proj(module), "down_proj"):
             to_meta(module, pname)

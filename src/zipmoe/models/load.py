@@ -189,6 +189,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
             serve_resident = functools.partial(per_expert.serve_resident, adapter=adapter)
             release_resident = functools.partial(per_expert.release_resident, adapter=adapter)
         else:
+            _check_expert_shapes(model, shapes)
             compute.install(model, engine)
             serve_resident, release_resident = compute.serve_resident, compute.release_resident
         # everything preloaded in place: the model's own kernels run on the F pool, no per-step engine work
@@ -230,6 +231,16 @@ class _Stages:
     def finish(self) -> None:
         if self.callback is not None:
             self.callback("ready", self.total, self.total)
+
+
+def _check_expert_shapes(model: torch.nn.Module, shapes: ExpertShapes) -> None:
+    """The store's experts must be what the model's experts modules multiply with (a store from another
+    checkpoint, or one missing its gates, would otherwise fail inside a matmul)."""
+    for _, name, module in compute.experts_modules(model):
+        want = (tuple(getattr(module, compute.in_proj(module)).shape[1:]), tuple(module.down_proj.shape[1:]))
+        if want != (shapes.gate_up, shapes.down):
+            raise ZipMoEError(f"the store's experts are {shapes.gate_up} and {shapes.down}, but {name} takes "
+                              f"{want[0]} and {want[1]}: the store was converted from another checkpoint")
 
 
 def _top_k(config: dict) -> int:

@@ -6,6 +6,7 @@ Called by the converter with the checkpoint's tensor names (all shards) and its 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -13,11 +14,24 @@ from typing import Any
 
 from zipmoe.engine.engine import ExpertShapes
 from zipmoe.errors import ConversionError, UnsupportedModelError
-from zipmoe.models.base import PROJ_ORDER, UNGATED, ExpertPlan, FusedName, ModuleAdapter, ProjSource, group_by_expert
-from zipmoe.models.build import dense_model_names, ignored_on_load, meta_model
+from zipmoe.models.base import (
+    GATE,
+    PROJ_ORDER,
+    UNGATED,
+    ExpertPlan,
+    FusedName,
+    ModuleAdapter,
+    ProjSource,
+    group_by_expert,
+)
+from zipmoe.models.build import merged_dense_message
+from zipmoe.models.compute import check_layout, experts_modules
 from zipmoe.models.generic import FUSED_RE, PER_EXPERT_RE, GenericAdapter
+from zipmoe.models.names import meta_model, placements
 from zipmoe.models.registry import get_adapter, unsupported_message
 from zipmoe.types import ExpertKey
+
+log = logging.getLogger("zipmoe")
 
 
 def expert_tensor_plan(
@@ -60,16 +74,39 @@ def expert_tensor_plan(
 
 def checkpoint_plan(root: str | Path, weight_names: Iterable[str], config: Mapping[str, Any],
                     shapes: Mapping[str, tuple[int, ...]] | None = None) -> ExpertPlan:
-    """expert_tensor_plan for a checkpoint directory, checked against the model transformers builds from it:
-    tensors from_pretrained drops are left out (`ignored`), and every dense tensor must have a place in the
-    model (what load() needs), so a checkpoint the engine cannot load is refused before hours of conversion."""
+    """expert_tensor_plan for a checkpoint directory, checked against the model transformers builds from it,
+    so that a checkpoint the engine cannot load is refused before hours of conversion: tensors from_pretrained
+    drops (multi-token-prediction layers, stale buffers) are left out (`ignored`); the experts must have the
+    layout the model's experts modules expect; no dense tensor may need transformers' merging on load."""
     names = set(weight_names)
     model = meta_model(root)
-    ignored = ignored_on_load(model, names) if model is not None else set()
-    plan = expert_tensor_plan(names - ignored, config, shapes)
-    if model is not None:
-        dense_model_names(model, plan.dense)
-    return dataclasses.replace(plan, ignored=tuple(sorted(ignored)))
+    if model is None:
+        return expert_tensor_plan(names, config, shapes)
+    placed = placements(model, names)
+    dropped = sorted(k for k, p in placed.items() if p.name is None)
+    if dropped:
+        log.info("%d checkpoint tensors have no place in %s and are left out, as from_pretrained drops them "
+                 "(e.g. %s)", len(dropped), type(model).__name__, dropped[0])
+    plan = expert_tensor_plan(names - set(dropped), config, shapes)
+    merged = [k for k in plan.dense if placed[k].converted]
+    if merged:
+        raise UnsupportedModelError(merged_dense_message(model, merged[0]))
+    _check_against_modules(model, plan)
+    return dataclasses.replace(plan, ignored=tuple(dropped))
+
+
+def _check_against_modules(model: Any, plan: ExpertPlan) -> None:
+    """The fused experts modules must take what the plan stores: their layout, and gate or not."""
+    for layer, name, module in experts_modules(model):
+        check_layout(name, module)
+        srcs = plan.experts.get(ExpertKey(layer, 0))
+        if srcs is not None and (GATE in {s.proj for s in srcs}) != getattr(module, "has_gate", True):
+            have = ", ".join(s.proj for s in srcs)
+            raise ConversionError(
+                f"layer {layer}: the checkpoint's experts have projections ({have}) but {type(module).__name__} "
+                f"is {'gated' if getattr(module, 'has_gate', True) else 'not gated'}: the checkpoint is incomplete "
+                "or config.json belongs to another model"
+            )
 
 
 def _fused_count(f: FusedName, configured: int, shapes: Mapping[str, tuple[int, ...]] | None) -> int:
@@ -133,9 +170,9 @@ def _raise_no_experts(model_type: Any, adapter: Any, config: Mapping[str, Any]) 
 def _check_complete(experts: Mapping[ExpertKey, tuple[ProjSource, ...]], adapter: Any, config: Any) -> None:
     """Every expert has the adapter's projections (gate, up, down unless it says otherwise); every layer
     the same contiguous expert ids 0..E-1."""
-    want = getattr(adapter, "projections", None)
-    if want is None:  # the generic rule: gated, or up and down alone if the first expert says so
-        first = tuple(s.proj for s in next(iter(experts.values())))
+    want = getattr(adapter, "projections", PROJ_ORDER)
+    if isinstance(adapter, GenericAdapter):  # gated, or up and down alone if the first expert says so (whether
+        first = tuple(s.proj for s in next(iter(experts.values())))  # the model agrees: checkpoint_plan)
         want = UNGATED if first == UNGATED else PROJ_ORDER
     for key, srcs in experts.items():
         if tuple(s.proj for s in srcs) != want:

@@ -31,7 +31,8 @@ def unsupported_message(model_type: str | None, why: str) -> str:
         f"model_type {model_type!r}: {why}. Supported model_types: {', '.join(supported_model_types())}; "
         "other HF MoE checkpoints work through the generic rule when their routed experts are named "
         "'...layers.{l}.<path>.experts.{j}.(gate_proj|up_proj|down_proj).weight' or fused "
-        "'...experts.gate_up_proj' / '...experts.down_proj'."
+        "'...experts.gate_up_proj' (or '...experts.up_proj', or GraniteMoe's 'block_sparse_moe.input_linear') / "
+        "'...experts.down_proj'."
     )
 
 
