@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(os.environ.get("ZIPMOE_SWEEP_DIR", "/tmp/zipmoe-sweep"))
 RESULTS = ROOT / "results.jsonl"
@@ -52,7 +53,6 @@ OVERRIDES: dict[str, dict] = {
     "deepseek_v32": dict(head_dim=8, num_key_value_heads=4, index_n_heads=2, index_head_dim=16, index_topk=8),
     "glm_moe_dsa": dict(head_dim=8, num_key_value_heads=4, index_n_heads=2, index_head_dim=16, index_topk=8),
     "glm4_moe_lite": dict(head_dim=8, num_key_value_heads=4),
-    "mistral4": dict(head_dim=8, num_key_value_heads=4),
     "gpt_oss": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=16),
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
                        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
@@ -76,10 +76,9 @@ OVERRIDES: dict[str, dict] = {
     "minimax": dict(layer_types=["linear_attention", "full_attention"], block_size=16),
 }
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str) -> tuple[Any, dict]:
     import inspect
 
-    import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
@@ -93,26 +92,13 @@ def tiny_config(model_type: str):
         d = getattr(default, k, None)
         if isinstance(d, list) and k not in kwargs and not isinstance(getattr(cls, k, None), property):
             kwargs[k] = (d * n)[:n] if k != "mlp_layer_types" else ["sparse"] * n
-    del transformers
     return cls(**kwargs), kwargs
-
-
-def _inputs(batch: int):
-    import torch
-
-    gen = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, 150, (batch, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : row + 1] = 0
-        ids[row, : row + 1] = 0
-    return ids, mask
 
 
 def run_one(model_type: str) -> dict:
     import torch
     import transformers
-    from tests.engine.engine_helpers import budgets
+    from tests.engine.engine_helpers import budgets, padded_inputs
     from tests.tiny_models import _randomize_
 
     from zipmoe.convert import convert
@@ -159,7 +145,7 @@ def run_one(model_type: str) -> dict:
             try:
                 res[f"resident[{name}]"] = bool(m.zipmoe_engine.resident)
                 for batch in (1, 4):
-                    ids, mask = _inputs(batch)
+                    ids, mask = padded_inputs(batch)
                     res["stage"] = f"ref-forward[b{batch}]"
                     with torch.no_grad():
                         want = ref(input_ids=ids, attention_mask=mask).logits

@@ -9,11 +9,13 @@ H=hidden I=expert intermediate E=experts; sizes in bytes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import load_file
 
 # model_type -> (config class name, kwargs, max_shard_size for save_pretrained)
 _COMMON: dict[str, Any] = dict(
@@ -145,3 +147,12 @@ def build_tiny_checkpoint(
     model.generation_config.pad_token_id = None
     model.save_pretrained(path, max_shard_size=_SHARD_SIZE.get(model_type, "50MB"))
     return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every tensor of a checkpoint directory (all shards) and its config.json."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors, json.loads((path / "config.json").read_text())

@@ -86,9 +86,6 @@ def convert(
         exp_coder = get_coder(coder, **dict(coder_params or {}))
         workers = max(1, workers or available_cores())
         k = _effective_k(ckpt, plan, shards or DEFAULT_SHARDS)
-        if plan.ignored:
-            log.info("leaving out %d tensors transformers drops on load (multi-token prediction), e.g. %s",
-                     len(plan.ignored), plan.ignored[0])
         log.info("%s (adapter %s): %d experts in %d layers, %d dense tensors; coder %s, K=%d, %d workers",
                  plan.model_type, plan.adapter, len(plan.experts), len(plan.moe_layers), len(plan.dense),
                  exp_coder.codec_id, k, workers)

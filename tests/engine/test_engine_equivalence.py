@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tests.engine.engine_helpers import budgets
+from tests.engine.engine_helpers import budgets, padded_inputs
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 from zipmoe.convert import convert
@@ -26,16 +26,6 @@ def converted(request, tmp_path_factory):
     return ckpt, store
 
 
-def _inputs(batch: int):
-    gen = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, 150, (batch, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):  # left padding of different lengths
-        mask[row, : row + 1] = 0
-        ids[row, : row + 1] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reference", ["grouped_mm", "eager"])
 def test_logits_and_tokens_equal_transformers(converted, reference, device):
@@ -47,7 +37,7 @@ def test_logits_and_tokens_equal_transformers(converted, reference, device):
                      preload=None if name == "all" else False)
         try:
             for batch in (1, 4):
-                ids, mask = (t.to(device) for t in _inputs(batch))
+                ids, mask = (t.to(device) for t in padded_inputs(batch))
                 with torch.no_grad():
                     want = ref(input_ids=ids, attention_mask=mask).logits
                     cold = model(input_ids=ids, attention_mask=mask).logits

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tests.engine.engine_helpers import budgets
+from tests.engine.engine_helpers import budgets, padded_inputs
 from tests.tiny_models import TINY_SEQ2SEQ_CONFIGS, build_tiny_checkpoint
 
 from zipmoe.convert import convert
@@ -28,13 +28,9 @@ def converted(request, tmp_path_factory):
 
 
 def _inputs(batch: int):
-    gen = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, 150, (batch, 8), generator=gen)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : row + 1] = 0
-        ids[row, : row + 1] = 0
-    return ids, mask, torch.randint(3, 150, (batch, 4), generator=gen)
+    """Padded encoder inputs and 4 decoder tokens."""
+    ids, mask = padded_inputs(batch, length=8)
+    return ids, mask, torch.randint(3, 150, (batch, 4), generator=torch.Generator().manual_seed(batch))
 
 
 @pytest.mark.parametrize("device", DEVICES)

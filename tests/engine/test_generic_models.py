@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tests.engine.engine_helpers import budgets
+from tests.engine.engine_helpers import budgets, padded_inputs
 from tests.tiny_models import _randomize_
 
 from zipmoe.convert import convert
@@ -56,16 +56,6 @@ def _checkpoint(model_type: str, path, **extra):
     return path
 
 
-def _inputs(batch: int):
-    gen = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, 150, (batch, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : row + 1] = 0
-        ids[row, : row + 1] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_served_bit_exactly_by_the_generic_rule(model_type, device, tmp_path):
@@ -77,7 +67,7 @@ def test_served_bit_exactly_by_the_generic_rule(model_type, device, tmp_path):
         model = load(store, device=device, memory_budget=budget, workers=1, preload=None if name == "all" else False)
         try:
             for batch in (1, 4):
-                ids, mask = (t.to(device) for t in _inputs(batch))
+                ids, mask = (t.to(device) for t in padded_inputs(batch))
                 with torch.no_grad():
                     got, want = model(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids,
                                                                                   attention_mask=mask).logits
@@ -111,7 +101,7 @@ def test_multi_token_prediction_layers_are_left_out_as_from_pretrained_does(mode
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     model = load(store, memory_budget=budgets(store)["half"], workers=1, preload=False)
     try:
-        ids, mask = _inputs(4)
+        ids, mask = padded_inputs(4)
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                                ref(input_ids=ids, attention_mask=mask).logits)
@@ -168,7 +158,7 @@ def test_experts_in_a_latent_space_with_prefetch(tmp_path):
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     model = load(store, memory_budget=budgets(store)["half"], workers=1, preload=False, prefetch=True)
     try:
-        ids, mask = _inputs(1)
+        ids, mask = padded_inputs(1)
         kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
                   return_dict_in_generate=True)
         with torch.no_grad():

@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
-from tests.tiny_models import TINY_CONFIGS, TINY_SEQ2SEQ_CONFIGS, build_tiny_checkpoint
+from tests.tiny_models import TINY_CONFIGS, TINY_SEQ2SEQ_CONFIGS, build_tiny_checkpoint, read_checkpoint
 from transformers.integrations.moe import _grouped_linear
 
 from zipmoe.models import ADAPTERS, expert_tensor_plan
@@ -38,9 +37,7 @@ def checkpoint(request, tmp_path_factory):
 
 
 def _dense_state_dict(path):
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(f))
+    tensors, _ = read_checkpoint(path)
     plan = expert_tensor_plan(list(tensors), load_hf_config(path).to_dict())
     return {k: tensors[k] for k in plan.dense}
 

@@ -3,13 +3,10 @@ plain transformers, with a source that yields copies of the experts in a shuffle
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
-from tests.tiny_models import TINY_SEQ2SEQ_CONFIGS, build_tiny_checkpoint
+from tests.tiny_models import TINY_SEQ2SEQ_CONFIGS, build_tiny_checkpoint, read_checkpoint
 
 from zipmoe.errors import UnsupportedModelError
 from zipmoe.models import UNGATED, expert_tensor_plan, get_adapter
@@ -28,13 +25,6 @@ def checkpoint(request, tmp_path_factory):
     return build_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=1)
 
 
-def _tensors(path):
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors, json.loads((path / "config.json").read_text())
-
-
 def _inputs(batch: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 150, (batch, 9), generator=gen)
@@ -47,7 +37,7 @@ def _inputs(batch: int, seed: int = 0):
 
 def _pair(path, device="cpu", seed=3):
     ref = transformers.AutoModelForSeq2SeqLM.from_pretrained(path).to(device).eval()
-    tensors, config = _tensors(path)
+    tensors, config = read_checkpoint(path)
     plan = expert_tensor_plan(list(tensors), config)
     model = build_model_without_experts(path, {k: tensors[k] for k in plan.dense}, device=device)
     source = InMemoryExpertSource.from_model(ref, seed=seed)
@@ -74,7 +64,7 @@ def test_the_layout_of_a_raw_config_is_the_one_transformers_builds(checkpoint):
     """The converter sees config.json as a dict, the loader a config object: both must give the layout
     transformers builds, which derives missing sparse steps from num_sparse_*_layers and lets explicit
     steps override them."""
-    _, config = _tensors(checkpoint)
+    _, config = read_checkpoint(checkpoint)
     adapter = get_adapter("switch_transformers")
     for odd in ({}, {"encoder_sparse_step": 4, "decoder_sparse_step": 1}):
         raw = {k: v for k, v in config.items() if not k.endswith("_sparse_step")} | odd
@@ -89,13 +79,13 @@ def test_the_layout_of_a_raw_config_is_the_one_transformers_builds(checkpoint):
 def test_expert_weights_the_config_does_not_place_are_refused(checkpoint):
     from zipmoe.errors import ConversionError
 
-    tensors, config = _tensors(checkpoint)
+    tensors, config = read_checkpoint(checkpoint)
     with pytest.raises(ConversionError, match="look like routed experts"):
         expert_tensor_plan(list(tensors), {**config, "encoder_sparse_step": 4})  # block 3's experts left over
 
 
 def test_plan_takes_every_expert_weight_and_nothing_else(checkpoint):
-    tensors, config = _tensors(checkpoint)
+    tensors, config = read_checkpoint(checkpoint)
     plan = expert_tensor_plan(list(tensors), config)
     adapter = get_adapter(config["model_type"])
     layers = adapter.moe_layers(config)

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors import safe_open
-from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint, build_tiny_model
+from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint, build_tiny_model, read_checkpoint
 
 from zipmoe.errors import ConversionError, UnsupportedModelError
 from zipmoe.models import PROJ_ORDER, expert_tensor_plan, get_adapter
 from zipmoe.types import ExpertKey
 
 
-def _read_checkpoint(path):
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as s:
-            tensors.update({k: s.get_tensor(k) for k in s.keys()})  # noqa: SIM118 (safe_open has no iter)
-    return tensors, json.loads((path / "config.json").read_text())
-
-
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
 def checkpoint(request, tmp_path_factory):
     path = build_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
-    return request.param, *_read_checkpoint(path)
+    return request.param, *read_checkpoint(path)
 
 
 def test_hub_layout_experts_match_the_fused_model_weights(checkpoint):

@@ -85,7 +85,7 @@ class ExpertPlan:
     adapter: str  # name of the adapter that produced the plan (a model_type or "generic")
     experts: Mapping[ExpertKey, tuple[ProjSource, ...]]  # canonical (gate, up, down) order, sorted keys
     dense: tuple[str, ...]  # every other tensor, sorted; stored unchanged
-    ignored: tuple[str, ...] = ()  # tensors from_pretrained drops (multi-token-prediction layers): not stored
+    ignored: tuple[str, ...] = ()  # tensors from_pretrained drops (no place in the model: MTP layers): not stored
 
     @property
     def expert_tensors(self) -> frozenset[str]:

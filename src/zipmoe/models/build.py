@@ -20,8 +20,7 @@ from torch import nn
 from zipmoe.errors import UnsupportedModelError, ZipMoEError
 from zipmoe.models.base import ModuleAdapter
 from zipmoe.models.compute import experts_modules, in_proj
-from zipmoe.models.names import auto_class, load_hf_config, placements
-from zipmoe.models.per_expert import expert_parameter_names
+from zipmoe.models.names import auto_class, load_hf_config, merged_dense_message, placements
 from zipmoe.models.registry import get_adapter
 
 
@@ -46,7 +45,7 @@ def build_model_without_experts(
     with torch.device("meta"):
         model = auto.from_config(hf_config, dtype=dtype, **kwargs)
     if isinstance(adapter, ModuleAdapter):  # one nn.Module per expert
-        expert_keys = expert_parameter_names(hf_config.to_dict(), adapter)
+        expert_keys = {n.name for n in adapter.expert_names(hf_config.to_dict())}
     else:
         expert_keys = {f"{n}.{p}" for _, n, m in experts_modules(model) for p in (in_proj(m), "down_proj")}
     state = _renamed_dense(model, dense_state_dict, device)
@@ -93,13 +92,6 @@ def _renamed_dense(
             )
         out[place.name] = tensor.to(device=device, dtype=target.dtype)
     return out
-
-
-def merged_dense_message(model: nn.Module, key: str) -> str:
-    """Why a model whose dense tensors transformers merges or splits on load is refused."""
-    return (f"{type(model).__name__}: transformers merges or splits the dense tensor {key!r} with others on load "
-            "(a WeightConverter in its conversion_mapping.py); zipmoe loads dense tensors as they are stored, so "
-            "this model is not supported yet")
 
 
 def _materialize_non_persistent_buffers(model: nn.Module, device: Any) -> None:

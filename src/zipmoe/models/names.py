@@ -73,3 +73,10 @@ def placements(model: nn.Module, keys: Iterable[str]) -> dict[str, Placement]:
             name, pattern = key, None
         out[key] = Placement(name if name in meta_sd else None, pattern is not None)
     return out
+
+
+def merged_dense_message(model: nn.Module, key: str) -> str:
+    """Why a model whose dense tensors transformers merges or splits on load is refused."""
+    return (f"{type(model).__name__}: transformers merges or splits the dense tensor {key!r} with others on load "
+            "(a WeightConverter in its conversion_mapping.py); zipmoe loads dense tensors as they are stored, so "
+            "this model is not supported yet")

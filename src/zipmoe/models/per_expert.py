@@ -52,11 +52,6 @@ def containers(model: nn.Module, adapter: ModuleAdapter) -> list[tuple[int, str,
     return found
 
 
-def expert_parameter_names(config: dict, adapter: ModuleAdapter) -> set[str]:
-    """The model's routed-expert weight names (they stay meta: the engine serves them)."""
-    return {n.name for n in adapter.expert_names(config)}
-
-
 def _linears(adapter: ModuleAdapter, expert: nn.Module) -> list[tuple[nn.Module, str]]:
     """(owner module, attribute) of each stored projection's weight, in flat-vector order."""
     out = []

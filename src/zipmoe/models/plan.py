@@ -24,10 +24,9 @@ from zipmoe.models.base import (
     ProjSource,
     group_by_expert,
 )
-from zipmoe.models.build import merged_dense_message
 from zipmoe.models.compute import check_layout, experts_modules
 from zipmoe.models.generic import FUSED_RE, PER_EXPERT_RE, GenericAdapter
-from zipmoe.models.names import meta_model, placements
+from zipmoe.models.names import merged_dense_message, meta_model, placements
 from zipmoe.models.registry import get_adapter, unsupported_message
 from zipmoe.types import ExpertKey
 
