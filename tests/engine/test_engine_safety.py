@@ -8,13 +8,14 @@ import os
 import shutil
 import threading
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from tests.tiny_models import build_tiny_checkpoint
 
 from zipmoe.convert import convert
-from zipmoe.errors import BudgetTooSmallError, ChecksumError
+from zipmoe.errors import BudgetTooSmallError, ChecksumError, ZipMoEError
 from zipmoe.models.load import load, unload
 from zipmoe.store import reader as reader_mod
 from zipmoe.store.aligned import ALIGN, StripedReads
@@ -137,6 +138,12 @@ def test_a_load_failing_at_its_last_step_releases_everything_once(store, monkeyp
     assert heap._users == 0 and gc.get_freeze_count() == 0
 
 
+@pytest.mark.parametrize("plan_batch", [0, 2.5])
+def test_plan_batch_must_be_a_positive_int(store, plan_batch):
+    with pytest.raises(ZipMoEError, match="plan_batch"):
+        load(store, planning=True, plan_batch=plan_batch)
+
+
 def test_budget_too_small_names_the_minimum(store):
     with pytest.raises(BudgetTooSmallError) as err:
         load(store, memory_budget="64KiB")
@@ -144,16 +151,23 @@ def test_budget_too_small_names_the_minimum(store):
     assert "too small" in str(err.value)
 
 
-def test_replanning_during_generation_keeps_logits_exact(store, tmp_path):
+@pytest.mark.parametrize("plan_batch", [1, 4])
+def test_replanning_during_generation_keeps_logits_exact(store, tmp_path, plan_batch):
     """Planned pools re-plan in the background while the model runs: outputs must not change."""
 
     with StoreReader(store) as r:
         numel = next(iter(r.entries.values())).numel
         dense = sum(p.stat().st_size for p in r.dense_files())
-    model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2, planning=True)
+    model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2, planning=True,
+                 plan_batch=plan_batch)
     try:
         pools = model.zipmoe_engine.pools
         assert pools is not None, "a budget below everything-fits must plan its pools"
+        called = pools.plan.snapshot.curves.sum(axis=1)  # experts a layer call needs, on average
+        if plan_batch == 1:
+            assert np.allclose(called, pools.top_k)
+        else:  # planned for the union of 4 requests' experts
+            assert np.all(called > 1.5 * pools.top_k) and np.all(called < plan_batch * pools.top_k)
         pools.replan_every, pools.drift_threshold = 1, 0.0
         ref = transformers.AutoModelForCausalLM.from_pretrained(store.parent / "hf")
         for seed in range(4):

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from zipmoe.planner.capacity import PoolPlan, needs_replan, plan, replan
+from zipmoe.planner.capacity import PoolPlan, layout_cost, needs_replan, plan, replan
 from zipmoe.planner.makespan import (
     HIT_STATES,
     ExpertGeometry,
@@ -205,3 +205,13 @@ def test_planning_without_statistics_says_what_to_do():
     snap = RankSnapshot((0, 1), np.zeros((2, E)), (0.0, 0.0))
     with pytest.raises(ZipMoEError, match="seed"):
         plan(snap, GEOM, COSTS, W, budget(0.3, 2))
+
+
+def test_a_plan_costs_no_more_than_the_all_c_split_under_its_own_model():
+    """layout_cost prices a fixed split with plan()'s objective; the plan is never worse than all-C."""
+    n_c = budget(0.25) // LAYERS // GEOM.entry_bytes[1]
+    for per_call in (4, None):
+        p = plan(snapshot(), GEOM, COSTS, W, budget(0.25), per_call=per_call)
+        all_c = layout_cost(snapshot(), GEOM, COSTS, W, (0, n_c, 0, 0), per_call=per_call)
+        assert p.predicted_s <= all_c * (1 + 1e-9)
+        assert layout_cost(snapshot(), GEOM, COSTS, W, (0, 0, 0, 0), per_call=per_call) == pytest.approx(p.all_miss_s)

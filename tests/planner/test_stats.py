@@ -8,9 +8,10 @@ import logging
 import numpy as np
 import pytest
 
+from zipmoe.bench.routing import RoutingSampler
 from zipmoe.errors import ZipMoEError
 from zipmoe.planner.profile_io import load_stats, profile_curves, resample_curve, save_stats, store_fingerprint
-from zipmoe.planner.stats import RankSnapshot, RoutingStats, rank_drift
+from zipmoe.planner.stats import RankSnapshot, RoutingStats, batch_curves, rank_drift
 
 
 def test_counts_ranks_and_curves():
@@ -174,3 +175,26 @@ def test_planner_imports_neither_torch_nor_the_engine():
             "m.startswith(('zipmoe.engine', 'zipmoe.models', 'zipmoe.cache'))]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("batch", [4, 16])
+def test_batch_curves_give_the_experts_a_batch_of_requests_needs(batch):
+    """The union of `batch` independent requests' experts per layer call, checked against the benchmark's
+    calibrated sampler itself (each request its own permutation, top-k drawn without replacement)."""
+    sampler = RoutingSampler("qwen1.5-moe-a2.7b", 60, 4, 1, seed=3)
+    curves = sampler.rank_probs()
+    union = batch_curves(curves, batch)
+    sizes = []
+    for _ in range(300):
+        requests = [sampler.new_request() for _ in range(batch)]
+        sizes.append(len({int(e) for r in requests for e in r.step(0, 1).ravel()}))
+    sem = np.std(sizes) / np.sqrt(len(sizes))
+    assert abs(union.sum() - np.mean(sizes)) < 4 * sem + 0.05
+    assert np.all(np.diff(union[0]) <= 1e-12) and np.all((union >= 0) & (union <= 1))
+    assert union[0, 0] > curves[0, 0] and union[0, -1] > curves[0, -1]  # every rank gets busier
+    assert np.array_equal(batch_curves(curves, 1), curves)
+
+
+def test_batch_curves_reject_bad_arguments():
+    with pytest.raises(ZipMoEError, match="batch"):
+        batch_curves(np.full((1, 8), 0.5), 0)

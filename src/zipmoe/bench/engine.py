@@ -52,6 +52,7 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-4pools": {"pool_split": (0.25, 0.25, 0.25, 0.25)},  # the paper's "+ four pools" row: F/C/S/E, no planning
     "zipmoe-planned": {"planning": True},
     "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},
+    "zipmoe-planned-batch": {"planning": True, "plan_batch": "big"},  # planned for --big-batch (both batches run it)
     "zipmoe-lru": {"eviction": "lru"},
     "zipmoe-lrfu-per-access": {"eviction": PerAccessLRFU},  # LRFU before token weights (commit 9b372a9)
     "zipmoe-lru-prefetch": {"eviction": "lru", "prefetch": True},
@@ -234,6 +235,8 @@ def run(args) -> dict:
             split = extra.pop("pool_split")
             extra["capacities"] = {p: int(share * frac * expert_bf16) // per_entry[p]
                                    for p, share in zip((State.F, State.C, State.S, State.E), split, strict=True)}
+        if extra.get("plan_batch") == "big":
+            extra["plan_batch"] = max(1, args.big_batch)
         if extra.get("planning"):  # every planned row starts from the same prior, not from the routing
             stats_path(store).unlink(missing_ok=True)  # statistics an earlier row saved next to the store
         switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from zipmoe.planner import PoolPlan, RoutingStats, needs_replan, plan, replan
+from zipmoe.planner import PoolPlan, RankSnapshot, RoutingStats, plan, rank_drift, replan
 from zipmoe.planner.admission import PlannedAdmission
 from zipmoe.planner.cost_model import profile_machine, store_geometry
 from zipmoe.planner.profile_io import load_stats, profile_curves, save_stats, stats_path, store_fingerprint
-from zipmoe.planner.stats import seed_from_curves
+from zipmoe.planner.stats import batch_curves, seed_from_curves
 from zipmoe.scheduler.tasks import CostModel
 from zipmoe.store.reader import StoreReader
 
@@ -30,13 +30,20 @@ class PlannedPools:
     """Statistics, plan and admission policy of one loaded store (see module docstring)."""
 
     def __init__(self, reader: StoreReader, device: str, workers: int, top_k: int, pool_budget: int,
-                 replan_every: int = 256, drift_threshold: float = 0.1, rank_admission: bool = False):
+                 replan_every: int = 256, drift_threshold: float = 0.1, rank_admission: bool = False,
+                 batch: int = 1):
         store = reader.path
         self._path, self._fingerprint = stats_path(store), store_fingerprint(store)
         entries = reader.entries
         layers = sorted({k.layer for k in entries})
         experts = len({k.expert for k in entries})
-        self.top_k, self.workers = top_k, workers
+        # batch: requests decoded together. The pools are sized for layer calls that need the union of
+        # that many requests' experts (stats.batch_curves), priced by the bound model since the number
+        # of distinct experts per call varies. Statistics are counted per call, normalised to top_k
+        # experts, so curves observed at batch > 1 are already flatter than one request's: a plan made
+        # from them over-flattens a little (the pool totals it sets are kept by every re-plan anyway).
+        self.top_k, self.workers, self.batch = top_k, workers, batch
+        self._per_call = top_k if batch == 1 else None
         self.geometry = store_geometry(reader)
         self.profile = profile_machine(store, device, read_stripes=reader.read_stripes)
         self.costs: CostModel = self.profile.cost_model()
@@ -45,7 +52,9 @@ class PlannedPools:
             stats = RoutingStats(layers, experts)
             seed_from_curves(stats, profile_curves(PRIOR, len(layers), experts, top_k=top_k))
         self.stats = stats
-        self.plan: PoolPlan = plan(stats.snapshot(), self.geometry, self.costs, workers, pool_budget, per_call=top_k)
+        self._planned_from = stats.snapshot()  # per-request curves of the current plan (drift reference)
+        self.plan: PoolPlan = plan(self._for_batch(self._planned_from), self.geometry, self.costs, workers,
+                                   pool_budget, per_call=self._per_call)
         # Which experts fill the pools: by default the cache's recency policy (LRU) inside the planned
         # capacities, because routing skew is mostly within a request (a new prompt permutes which
         # experts are hot; ../data/routing_profiles.json: top 25 % take 63 % within a prompt, 34 %
@@ -71,12 +80,19 @@ class PlannedPools:
         if self._pending is not None and not self._pending.done():
             return
         snapshot = self.stats.snapshot()
-        if needs_replan(self.plan, snapshot, self.drift_threshold):
+        if rank_drift(self._planned_from, snapshot) > self.drift_threshold:
             self._pending = self._thread.submit(self._replan, snapshot)
 
-    def _replan(self, snapshot) -> None:
-        new = replan(self.plan, snapshot, self.geometry, self.costs, self.workers, per_call=self.top_k)
-        self.plan = new
+    def _for_batch(self, snapshot: RankSnapshot) -> RankSnapshot:
+        """The curves of a layer call at this batch size (planning thread: Monte-Carlo at batch > 1)."""
+        if self.batch == 1:
+            return snapshot
+        return RankSnapshot(snapshot.layers, batch_curves(snapshot.curves, self.batch), snapshot.observations)
+
+    def _replan(self, snapshot: RankSnapshot) -> None:
+        new = replan(self.plan, self._for_batch(snapshot), self.geometry, self.costs, self.workers,
+                     per_call=self._per_call)
+        self.plan, self._planned_from = new, snapshot
         if self.admission is not None:
             self.admission.set_plan(new)
         self.replans += 1

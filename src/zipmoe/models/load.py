@@ -70,6 +70,7 @@ def load(
     costs: CostModel = DEFAULT_COSTS,
     capacities: dict[State, int] | None = None,
     planning: bool = False,
+    plan_batch: int = 1,
     prefetch: bool = False,
     preload: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -91,7 +92,9 @@ def load(
     e.g. {State.F: n} for a plain uncompressed LRU cache. planning: when the budget cannot hold every
     expert decoded, size the pools from routing statistics and this machine's measured costs
     (engine/planning.py) instead of the default all-C split. Off by default: on the device
-    (BENCHMARKS.md, ablation) the planned split was slower than all-C at batch 1. prefetch: read the
+    (BENCHMARKS.md, ablation) the planned split was slower than all-C at batch 1. plan_batch: requests
+    decoded together that the plan is made for (a server's batch size; the pools are sized for the union
+    of that many requests' experts per layer call). prefetch: read the
     next MoE layer's predicted experts (its router applied to this layer's hidden states) while the
     disk would idle; outputs are unchanged, the read-ahead slots come out of the budget. preload:
     read every expert at load (None = when the budget holds every expert decoded, as plain
@@ -99,13 +102,15 @@ def load(
     starts and once more at the end with done == total, for a progress bar; None (default) = silent.
     """
     device = torch.device(device)
+    if not isinstance(plan_batch, int) or plan_batch < 1:
+        raise ZipMoEError(f"plan_batch must be a positive int (requests decoded together), got {plan_batch!r}")
     freeze_loaded_objects()  # the pending full GC pass happens now, not in the first request (engine/heap.py)
     reader = None
     try:
         reader = StoreReader(store, direct_io=direct_io, read_stripes=read_stripes, readers=io_threads + 1)
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
-                     experts_implementation, read_bytes_per_s, costs, capacities, planning, prefetch, preload,
-                     progress=_Stages(progress))
+                     experts_implementation, read_bytes_per_s, costs, capacities, planning, plan_batch, prefetch,
+                     preload, progress=_Stages(progress))
     except BaseException:
         if reader is not None:
             reader.close()
@@ -114,7 +119,7 @@ def load(
 
 
 def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots, experts_implementation,
-          read_bytes_per_s, costs, capacities, planning, prefetch, preload, progress: _Stages):
+          read_bytes_per_s, costs, capacities, planning, plan_batch, prefetch, preload, progress: _Stages):
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
@@ -158,7 +163,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     if capacities is not None:
         capacities = {p: capacities.get(p, 0) for p in (State.F, State.C, State.S, State.E)}
     elif planning and not fits:
-        pools = PlannedPools(reader, device.type, workers, top_k, budget.free())
+        pools = PlannedPools(reader, device.type, workers, top_k, budget.free(), batch=plan_batch)
         capacities, costs = pools.plan.capacities, pools.costs
     cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction,
                         capacities=capacities, admission=pools.admission if pools else None)

@@ -149,6 +149,16 @@ def replan(
     return _finish(obj, snapshot, _refine(obj, list(old.sizes), old.num_experts), geom)
 
 
+def layout_cost(
+    snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, workers: int, sizes: Sizes, *,
+    per_call: int | None = None, mode: str = "auto",
+) -> float:
+    """Expected s per model step of one layout (the same split in every layer), under plan()'s model:
+    what a fixed split such as the default all-C one costs next to a plan."""
+    obj = _objective(snapshot, geom, costs, workers, per_call, mode)
+    return sum(obj.layer(i, sizes) for i in range(len(snapshot.layers)))
+
+
 def _objective(snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, workers: int,
                per_call: int | None, mode: str) -> _Objective:
     if not snapshot.layers:

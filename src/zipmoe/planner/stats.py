@@ -170,6 +170,28 @@ class RoutingStats:
         return math.inf if self.decay == 1.0 else math.log(2.0) / -math.log(self.decay)
 
 
+def batch_curves(curves: np.ndarray, batch: int, samples: int = 128, seed: int = 0) -> np.ndarray:
+    """Rank curves of a layer call that serves `batch` requests at once, from per-request curves [L, E].
+
+    Why: a cache is sized for the experts a layer call needs, and a batch needs the union of its
+    requests' experts. Requests route independently (each its own permutation of experts onto the
+    curve), so expert e is active with 1 − Π_b (1 − p_{π_b(e)}); the result is that union's expected
+    sorted profile, by `samples` seeded Monte-Carlo permutations. batch 1 returns the curves as given.
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    if batch < 1 or samples < 1:
+        raise ZipMoEError(f"batch and samples must be >= 1, got {batch}, {samples}")
+    if batch == 1:
+        return curves.copy()
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(curves)
+    for row, curve in enumerate(curves):
+        drawn = rng.permuted(np.broadcast_to(curve, (samples, batch, len(curve))), axis=2)
+        union = 1.0 - np.prod(1.0 - drawn, axis=1)  # [samples, E]
+        out[row] = -np.sort(-union, axis=1).mean(axis=0)
+    return out
+
+
 def seed_from_curves(stats: RoutingStats, curves: np.ndarray, weight: float = 64.0) -> None:
     """Seed every layer of `stats` with rows of `curves` [L, E] (in stats.layers order)."""
     if len(curves) != len(stats.layers):

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Preamble for runs on the GPU device machine (torch and transformers are there; zstandard and lz4 are not):
+# installs the wheels carried in .whl/ (../shared/tools/device-wheels.sh fetches them) and zipmoe itself,
+# editable and offline. Source it:  `. scripts/device.sh && zipmoe bench e2e ...`  (carry ".whl").
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir -e . >/dev/null 2>&1 \
+  || echo "zipmoe: editable install failed; use python3 -m zipmoe.cli.main" >&2
