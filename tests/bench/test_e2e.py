@@ -300,3 +300,18 @@ def test_the_commit_a_run_names_can_be_set_for_a_copied_tree(monkeypatch):
     assert here and here != "sent-at-abc123"
     monkeypatch.setenv("ZIPMOE_COMMIT", "sent-at-abc123")
     assert commit() == "sent-at-abc123"
+
+
+def test_a_sampled_system_runs_fewer_prompts_and_tokens_in_its_own_file(suite: Path) -> None:
+    """--sample SYSTEM=PxT (for Accelerate's seconds per token): its own run file, the sample in the table."""
+    assert e2e.main(["--workdir", str(suite), "--systems", "transformers", "--sample", "transformers=1x2", *ARGS]) == 0
+    (doc,) = [d for d in report.load_runs(suite) if d["file"].endswith("__1x2.json")]
+    assert doc["status"] == "complete" and doc["system"] == "transformers"
+    one, two = doc["batches"]["1"]["records"], doc["batches"]["2"]["records"]
+    assert len(one) == 1 and len(two) == 1  # the first prompt; at least one batch of two
+    assert all(r["new_tokens"] == 2 for r in one + two)  # under --new-tokens 3
+    assert "| 1 × 2 |" in report.markdown([doc])
+    with pytest.raises(ZipMoEError, match="--sample"):
+        e2e.parse_samples(["accelerate=2x8"], ["zipmoe"])  # not among --systems
+    with pytest.raises(ZipMoEError, match="--sample"):
+        e2e.parse_samples(["zipmoe=2"], ["zipmoe"])

@@ -4,7 +4,7 @@ bench stage, driver. Steps, each resumable inside one workdir (a device call mus
   1. build the synthetic HF checkpoint (bench/synth.py), convert it to a Huffman store (and a `raw`
      one for the uncompressed baseline), measure O_DIRECT disk bandwidth → setup.json;
   2. for each system × budget: load, warm up, run the prompt set at each batch size → one run JSON
-     (runs/<params>/<system>__<budget>.json), saved after every batch; complete runs are skipped,
+     (runs/<params>/<system>__<budget>[__PxT].json, PxT for a --sample), saved after every batch; complete runs are skipped,
      partial ones resume at the next batch; --deadline stops before a batch that would overrun;
   3. --report: tables + plots from every run JSON of the workdir (bench/report.py).
 Budgets are shares of the BF16 expert bytes; every system gets the same total bytes (dense +
@@ -12,7 +12,7 @@ staging + share). Systems that read through the page cache run in a child proces
 v2 memory.max when the machine allows it (baselines/isolation.py). Sizes in bytes, times in s.
 
     zipmoe bench e2e --workdir /tmp/e2e --layers 6 --systems zipmoe,uncompressed,accelerate,transformers \
-        --budgets 0.25 0.5 --batches 1 16 --device cuda --report
+        --budgets 0.25 0.5 --batches 1 16 --device cuda --sample accelerate=2x8 --report
 """
 
 from __future__ import annotations
@@ -68,6 +68,21 @@ def groups(prompts: list, batch: int, count: int) -> list[list]:
     """Batches of `batch` consecutive prompts covering at least `count` prompts (at least one batch)."""
     n = max(1, count // batch)
     return [prompts[i * batch:(i + 1) * batch] for i in range(n)]
+
+
+def parse_samples(values: list[str], names: list[str]) -> dict[str, tuple[int, int]]:
+    """--sample SYSTEM=PxT → {system: (prompts, new tokens)}: a smaller sample of the prompt set for a
+    system whose every token costs seconds (Accelerate reads every expert per step, so its TPOT hardly
+    depends on which tokens are measured), so that a whole suite fits a device session."""
+    out: dict[str, tuple[int, int]] = {}
+    for v in values:
+        name, _, size = v.partition("=")
+        p, _, t = size.partition("x")
+        if name not in names or not (p.isdigit() and t.isdigit()) or int(p) < 1 or int(t) < 1:
+            raise ZipMoEError(f"--sample takes SYSTEM=PROMPTSxTOKENS for a system in --systems ({', '.join(names)}), "
+                              f"e.g. accelerate=2x8; got {v!r}")
+        out[name] = (int(p), int(t))
+    return out
 
 
 def run_params(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
@@ -204,12 +219,18 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
                    min_len=min(8, args.max_prompt_len), max_len=args.max_prompt_len)
     meta = {"schema": SCHEMA, "params": params, "model": info["model"], "machine": machine_info(setup.device),
             "commit": info["commit"], "command": "zipmoe bench e2e " + " ".join(args.argv)}
+    samples = parse_samples(args.sample, names)
     statuses: dict[str, str] = {}
     warm, warm_record = args.warm_process, None
     for name in names:
         system = make_system(name)
         for budget in system.budgets([make_budget(f, info["geometry"]) for f in _budgets(args.budgets)]):
             run_id = f"{name}__{budget.label}"
+            count, new_tokens = args.prompts, args.new_tokens
+            if name in samples:  # its own file: records of another sample size never mix into it
+                count, cap = samples[name]
+                new_tokens = min(new_tokens or cap, cap)
+                run_id += f"__{count}x{cap}"
             path = runs_dir / f"{run_id}.json"
             if path.exists() and json.loads(path.read_text()).get("status") in ("complete", "unavailable"):
                 statuses[run_id] = "skipped (done)"
@@ -225,7 +246,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
             note, cgroup = _isolation(name, args.isolation, budget, setup, parse_size(args.cgroup_slack))
             spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
                     "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
-                    "prompt_count": args.prompts, "batches": args.batches, "new_tokens": args.new_tokens,
+                    "prompt_count": count, "batches": args.batches, "new_tokens": new_tokens,
                     "warmup": args.warmup, "vocab_size": vocab, "deadline": deadline, "page_cache": note,
                     "warm_process": warm_record,
                     "meta": {**meta, "budget_frac": budget.frac, "memory_budget": budget.nbytes}}
@@ -287,6 +308,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=8, help="prompts per batch size (at least one batch)")
     p.add_argument("--max-prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=None, help="cap on new tokens per request (default 64–128)")
+    p.add_argument("--sample", nargs="+", default=[], metavar="SYSTEM=PxT",
+                   help="measure SYSTEM on its first P prompts per batch size and at most T new tokens "
+                        "(e.g. accelerate=2x8: seconds per token); the report shows each row's sample")
     p.add_argument("--prompt-seed", type=int, default=0)
     p.add_argument("--routing-seed", type=int, default=0)
     p.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one 8-token prefill before measuring")
