@@ -4,8 +4,9 @@ bench stage, driver. Steps, each resumable inside one workdir (a device call mus
   1. build the synthetic HF checkpoint (bench/synth.py), convert it to a Huffman store (and a `raw`
      one for the uncompressed baseline), measure O_DIRECT disk bandwidth → setup.json;
   2. for each system × budget: load, warm up, run the prompt set at each batch size → one run JSON
-     (runs/<params>/<system>__<budget>[__PxT].json, PxT for a --sample), saved after every batch; complete runs are skipped,
-     partial ones resume at the next batch; --deadline stops before a batch that would overrun;
+     (runs/<params>/<system>__<budget>[__PxT].json, PxT for a --sample), saved after every batch;
+     complete runs are skipped, partial ones resume at the next batch; --deadline stops before a batch
+     that would overrun;
   3. --report: tables + plots from every run JSON of the workdir (bench/report.py).
 Budgets are shares of the BF16 expert bytes; every system gets the same total bytes (dense +
 staging + share). Systems that read through the page cache run in a child process inside a cgroup
