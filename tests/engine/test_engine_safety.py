@@ -144,6 +144,11 @@ def test_plan_batch_must_be_a_positive_int(store, plan_batch):
         load(store, planning=True, plan_batch=plan_batch)
 
 
+def test_plan_batch_without_planning_is_refused(store):
+    with pytest.raises(ZipMoEError, match="planning=True"):
+        load(store, plan_batch=16)
+
+
 def test_budget_too_small_names_the_minimum(store):
     with pytest.raises(BudgetTooSmallError) as err:
         load(store, memory_budget="64KiB")

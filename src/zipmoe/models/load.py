@@ -91,10 +91,11 @@ def load(
     must say when they use it). capacities: entries per pool (F/C/S/E) instead of the default split,
     e.g. {State.F: n} for a plain uncompressed LRU cache. planning: when the budget cannot hold every
     expert decoded, size the pools from routing statistics and this machine's measured costs
-    (engine/planning.py) instead of the default all-C split. Off by default: on the device
-    (BENCHMARKS.md, ablation) the planned split was slower than all-C at batch 1. plan_batch: requests
-    decoded together that the plan is made for (a server's batch size; the pools are sized for the union
-    of that many requests' experts per layer call). prefetch: read the
+    (engine/planning.py) instead of the default all-C split. Off by default: on the device, whose cores
+    decode several times faster than its disk reads, a plan made for its batch size was within 2 % of
+    all-C (BENCHMARKS.md, seventh session); it pays where decode is slow. plan_batch: requests decoded
+    together that the plan is made for (a server's batch size; the pools are sized for the union of that
+    many requests' experts per layer call); only with planning=True. prefetch: read the
     next MoE layer's predicted experts (its router applied to this layer's hidden states) while the
     disk would idle; outputs are unchanged, the read-ahead slots come out of the budget. preload:
     read every expert at load (None = when the budget holds every expert decoded, as plain
@@ -104,6 +105,8 @@ def load(
     device = torch.device(device)
     if not isinstance(plan_batch, int) or plan_batch < 1:
         raise ZipMoEError(f"plan_batch must be a positive int (requests decoded together), got {plan_batch!r}")
+    if plan_batch != 1 and not planning:
+        raise ZipMoEError("plan_batch sizes planned pools: pass planning=True with it, or leave it out")
     freeze_loaded_objects()  # the pending full GC pass happens now, not in the first request (engine/heap.py)
     reader = None
     try:
