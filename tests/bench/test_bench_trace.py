@@ -15,11 +15,11 @@ NAN = math.nan
 
 
 def _layer(layer: int, entered: float, left: float, reads: list[tuple[float, float]], started: float,
-           read_bytes: int = 0) -> LayerTrace:
+           read_bytes: int = 0, sync_wait_s: float | None = None) -> LayerTrace:
     experts = tuple(ExpertTimes(ExpertKey(layer, e), a, b, NAN, NAN, NAN, NAN, NAN) for e, (a, b) in enumerate(reads))
     cached = ExpertTimes(ExpertKey(layer, 9), *([NAN] * 7))  # an expert with no read
     run = PlanTimings(left - started, 0.0, 0.0, 0.0, (*experts, cached), started)
-    return LayerTrace(layer, entered, left, 0, (run,), read_bytes)
+    return LayerTrace(layer, entered, left, 0, (run,), read_bytes, sync_wait_s)
 
 
 def test_trace_summary_splits_a_step_into_reads_gaps_and_tails():
@@ -50,3 +50,15 @@ def test_trace_summary_counts_prefetch_reads_into_disk_busy_time():
     alone = trace_summary(prefill + step, layers_per_step=2)
     assert alone["disk_busy_share"] == pytest.approx(0.2) and alone["read_gb_per_s_in_flight"] == pytest.approx(
         700 / 0.2 / 1e9)
+
+
+def test_trace_summary_splits_the_gaps_into_device_wait_and_host_time():
+    prefill = [_layer(0, 0.0, 1.0, [(0.0, 0.5)], 0.0), _layer(1, 1.1, 2.0, [(0.0, 0.5)], 1.1)]
+    # gaps of 6 and 4 ms before the step's layers, of which the routing syncs blocked 1 and 3 ms
+    step = [_layer(0, 2.006, 2.1, [], 2.006, sync_wait_s=0.001), _layer(1, 2.104, 2.2, [], 2.104, sync_wait_s=0.003)]
+    out = trace_summary(prefill + step, layers_per_step=2)
+    assert out["sync_wait_ms_sum_per_step"] == pytest.approx(4.0)
+    assert out["between_layers_host_ms_sum_per_step"] == pytest.approx(6.0)
+    assert out["between_layers_ms_sum_per_step"] == pytest.approx(10.0)
+    untimed = trace_summary([*prefill, _layer(0, 2.006, 2.1, [], 2.006)], layers_per_step=1)
+    assert untimed["sync_wait_ms"] is None  # a source that does not time its syncs reports none

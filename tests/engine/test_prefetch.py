@@ -88,5 +88,11 @@ def test_the_trace_counts_every_byte_the_layers_read(converted):
         model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         read = engine.stats.snapshot()["bytes_read"] - before
         assert read > 0 and sum(t.read_bytes for t in engine.trace) == read
+        # every layer call's routing sync was timed and handed to the engine (then reset for the next)
+        assert engine.trace and all(t.sync_wait_s is not None and t.sync_wait_s > 0 for t in engine.trace)
+        assert engine.sync_wait_s == 0.0
+        engine.trace = None
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert engine.sync_wait_s == 0.0, "untraced runs must not time their syncs"
     finally:
         unload(model)

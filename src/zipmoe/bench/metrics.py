@@ -253,7 +253,9 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
     first read (lookup, planning, thread hand-off); `read_union`: time some read of the layer was in
     flight; `after_last_read`: last read done → layer done (decode tail, H2D copy, compute of the last
     experts); `between_layers`: the previous layer done → this one asking (attention, router, shared
-    expert, Python; the first layer of a step also carries lm_head and generate()'s own work).
+    expert, Python; the first layer of a step also carries lm_head and generate()'s own work), split into
+    `sync_wait` (the routing's device→host syncs blocked: device time, e.g. kernels or copies still queued)
+    and `between_layers_host` (the rest: host time, Python and kernel launches).
     `disk_busy_share`: share of the decode steps' time with some read in flight, the layers' own and the
     prefetcher's (`prefetch_spans`: perf_counter (start, end, bytes) of each prefetch read); `prefetch_union`
     per step; `read_gb_per_s_in_flight`: the bytes those reads brought in ÷ that busy time, the rate the disk
@@ -273,13 +275,17 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
         row = {"layer_ms": cur.left - cur.entered, "between_layers_ms": cur.entered - prev.left,
                "reads": sum(1 for r in cur.runs for x in r.experts if not np.isnan(x.io_start)),
                "read_union_ms": union}
+        wait = getattr(cur, "sync_wait_s", None)
+        if wait is not None:
+            row["sync_wait_ms"] = wait
+            row["between_layers_host_ms"] = row["between_layers_ms"] - row["sync_wait_ms"]
         if spans:
             row["before_first_read_ms"] = spans[0][0] - cur.entered
             row["after_last_read_ms"] = cur.left - max(b for _, b in spans)
         rows.append(row)
     out = {"layer_calls": len(rows)}
-    for k in ("layer_ms", "between_layers_ms", "read_union_ms", "before_first_read_ms", "after_last_read_ms",
-              "reads"):
+    for k in ("layer_ms", "between_layers_ms", "sync_wait_ms", "between_layers_host_ms", "read_union_ms",
+              "before_first_read_ms", "after_last_read_ms", "reads"):
         vals = [r[k] * (1e3 if k.endswith("_ms") else 1) for r in rows if k in r]
         out[k] = float(np.median(vals)) if vals else None
         out[f"{k}_sum_per_step"] = sum(vals) * layers_per_step / len(rows) if rows else None

@@ -80,6 +80,7 @@ class LayerTrace:
     f_hits: int  # experts served from F without loading
     runs: tuple[PlanTimings, ...]  # one executor run per wave, in order
     read_bytes: int = 0  # bytes the layer's own reads brought in (prefetched planes not included)
+    sync_wait_s: float | None = None  # time the routing's device→host syncs blocked before this call
 
 
 class _Load:
@@ -167,6 +168,7 @@ class Engine:
         self.resident = False  # set by load(): the model runs its own kernels on the F pool (no hits counted)
         self.on_close: list[Callable[[], None]] = []  # run first by close() (load: drop resident weights)
         self.trace: list[LayerTrace] | None = None  # set to a list to record every layer (benchmarks)
+        self.sync_wait_s = 0.0  # added to by models/compute while tracing: time its routing syncs blocked
         shorten_switch_interval()  # the loader threads hand results on without waiting 5 ms for the GIL
 
     # ---- ExpertSource ----
@@ -213,7 +215,9 @@ class Engine:
         self.stats.layer_s += t_end - t_layer
         self.stats.layers += 1
         if self.trace is not None:
-            self.trace.append(LayerTrace(layer, t_layer, t_end, len(hits), tuple(runs), _read_bytes(loads)))
+            self.trace.append(LayerTrace(layer, t_layer, t_end, len(hits), tuple(runs), _read_bytes(loads),
+                                         self.sync_wait_s))
+            self.sync_wait_s = 0.0
 
     # ---- one wave: claim slots, plan, run ----
 

@@ -18,6 +18,7 @@ import inspect
 import itertools
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,20 @@ def experts_of(self: nn.Module, needed: list[int],
     return source.experts(self._zipmoe_layer, needed)  # a source written before the tokens hint
 
 
+def routing_to_host(self: nn.Module, routed: torch.Tensor) -> list:
+    """routed.tolist(), a device→host sync of the routing. When the source traces (benchmarks' --trace) it
+    is told how long the sync blocked: the device's backlog as the layer asks for its experts (attention,
+    router, the previous layer's copies), which separates device from host time between layers
+    (bench/metrics.trace_summary)."""
+    source = self._zipmoe_source
+    if getattr(source, "trace", None) is None:
+        return routed.tolist()
+    start = time.perf_counter()
+    out = routed.tolist()
+    source.sync_wait_s += time.perf_counter() - start
+    return out
+
+
 def takes_tokens(source: ExpertSource) -> bool:
     """Whether source.experts accepts the `tokens` hint (added after the first release of the interface)."""
     try:
@@ -61,7 +76,7 @@ def eager_like_forward(
     with torch.no_grad():
         expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
         expert_mask = expert_mask.permute(2, 1, 0)
-        counts = expert_mask.sum(dim=(-1, -2)).tolist()  # tokens per expert (+ the padding class): one sync
+        counts = routing_to_host(self, expert_mask.sum(dim=(-1, -2)))  # tokens per expert (+ padding class)
     needed = [e for e, n in enumerate(counts[: self.num_experts]) if n]  # the reference's expert_hit, ascending
     contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for expert, gate_up, down in experts_of(self, needed, [counts[e] for e in needed]):
@@ -95,7 +110,7 @@ def grouped_mm_like_forward(
     expert_ids_g, perm = torch.sort(top_k_index.reshape(-1))
     selected_hidden_states_g = hidden_states[perm // num_top_k]
     sample_weights_g = sample_weights[perm]
-    spans = _group_spans(expert_ids_g, self.num_experts)  # expert -> (start, end) in sorted slots
+    spans = _group_spans(self, expert_ids_g)  # expert -> (start, end) in sorted slots
     needed = sorted(spans)
     down_out = hidden_states.new_empty(expert_ids_g.numel(), hidden_dim)
     served: dict[int, bool] = {}
@@ -128,7 +143,7 @@ def batched_mm_like_forward(
     selected_hidden_states = hidden_states.repeat_interleave(num_top_k, dim=0)
     sample_weights = top_k_weights.reshape(-1)  # (S,)
     slots: dict[int, list[int]] = {}
-    for s, expert in enumerate(top_k_index.reshape(-1).tolist()):  # one device→host sync
+    for s, expert in enumerate(routing_to_host(self, top_k_index.reshape(-1))):
         slots.setdefault(expert, []).append(s)
     needed = sorted(slots)
     n = len(sample_weights)
@@ -164,9 +179,10 @@ def _one_group_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _grouped_linear(x, weight.unsqueeze(0), offs, bias=None, is_transposed=False)
 
 
-def _group_spans(sorted_ids: torch.Tensor, num_experts: int) -> dict[int, tuple[int, int]]:
+def _group_spans(self: nn.Module, sorted_ids: torch.Tensor) -> dict[int, tuple[int, int]]:
     """Slot range of each routed expert in the sorted order (one device→host sync, like the reference)."""
-    counts = torch.bincount(sorted_ids, minlength=num_experts)[:num_experts].tolist()
+    num_experts = self.num_experts
+    counts = routing_to_host(self, torch.bincount(sorted_ids, minlength=num_experts)[:num_experts])
     spans, start = {}, 0
     for expert, n in enumerate(counts):
         if n:
@@ -209,7 +225,7 @@ def _hint_next_layer(self: nn.Module, hidden_states: torch.Tensor) -> None:
         return
     with torch.no_grad():
         logits = nn.functional.linear(hidden_states.to(nxt.weight.dtype), nxt.weight)
-        ids = torch.topk(logits, nxt.top_k, dim=-1).indices.flatten().tolist()
+        ids = routing_to_host(self, torch.topk(logits, nxt.top_k, dim=-1).indices.flatten())
     hint(nxt.layer, list(dict.fromkeys(ids)))  # unique, in rank order of the first token
 
 

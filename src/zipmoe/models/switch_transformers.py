@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 
 from zipmoe.models.base import DOWN, UNGATED, UP, ModuleAdapter
-from zipmoe.models.compute import combine_in_order, experts_of
+from zipmoe.models.compute import combine_in_order, experts_of, routing_to_host
 
 
 def dense_act_dense(expert: nn.Module, x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def switch_experts_forward(self: nn.Module, hidden_states: torch.Tensor, selecte
                            routing_weights: torch.Tensor) -> torch.Tensor:
     """SwitchTransformersExperts.forward with each expert's weights served by the engine."""
     expert_mask = selected_experts.permute(2, 1, 0)  # [E, 1, T]: tokens over capacity are already masked out
-    counts = expert_mask.sum(dim=(-1, -2)).tolist()  # one sync
+    counts = routing_to_host(self, expert_mask.sum(dim=(-1, -2)))  # one sync
     needed = [e for e, n in enumerate(counts) if n]  # the reference's expert_hit, ascending
     contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for expert, wi, wo in experts_of(self, needed, [counts[e] for e in needed]):
