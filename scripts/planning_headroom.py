@@ -35,7 +35,7 @@ def main() -> None:
     n_c = min(experts, budget // layers // geom.entry_bytes[1])
     print(f"{a.budget:.0%} of expert bytes; all-C = {n_c} C entries per layer; disk {a.disk_gbps} GB/s, "
           f"{a.workers} workers")
-    print("batch  decode rate  plan (entries F/C/S/E)          plan ms/step  all-C ms/step  all-C / plan")
+    print("batch  decode rate  plan (F/C/S/E, all layers)      plan ms/step  all-C ms/step  all-C / plan")
     for batch in (1, a.batch):
         curves = batch_curves(prior, batch)
         snap = RankSnapshot(tuple(range(layers)), curves, (64.0,) * layers)

@@ -61,4 +61,4 @@ def test_trace_summary_splits_the_gaps_into_device_wait_and_host_time():
     assert out["between_layers_host_ms_sum_per_step"] == pytest.approx(6.0)
     assert out["between_layers_ms_sum_per_step"] == pytest.approx(10.0)
     untimed = trace_summary([*prefill, _layer(0, 2.006, 2.1, [], 2.006)], layers_per_step=1)
-    assert untimed["sync_wait_ms"] is None  # a source that does not time its syncs reports none
+    assert untimed["sync_wait_ms"] is None and untimed["sync_wait_ms_sum_per_step"] is None  # untimed: none

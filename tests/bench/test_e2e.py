@@ -79,7 +79,8 @@ def test_process_warm_up_replays_the_measured_workload(tmp_path: Path, monkeypat
     monkeypatch.setattr(e2e, "execute_run", lambda spec: specs.append(spec) or "complete")
     args, setup = _warm_inputs(tmp_path)
     prompts = {"vocab_size": 100, "n": 2, "seed": 0}
-    e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), prompts, args, 100, 1e12, tmp_path)
+    e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), prompts, args, 100, 1e12, tmp_path,
+                      args.prompts, args.new_tokens)
     (spec,) = specs
     assert (spec["prompts"], spec["prompt_count"], spec["batches"], spec["new_tokens"]) == (
         prompts, args.prompts, args.batches, args.new_tokens)
@@ -96,7 +97,7 @@ def test_a_warm_up_cut_short_says_which_prompt_groups_it_covered(tmp_path: Path,
     monkeypatch.setattr(e2e, "execute_run", partial)
     args, setup = _warm_inputs(tmp_path)
     record = e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), {"n": 2}, args, 100, 1e12,
-                               tmp_path)
+                               tmp_path, args.prompts, args.new_tokens)
     assert record["groups"] == {"1": 2, "2": 1} and record["groups_covered"] == {"1": 1, "2": 0}
     assert "WARNING the warm-up stopped at its cap" in capsys.readouterr().out
     assert not list(tmp_path.iterdir()), "the scratch run file is removed"
@@ -113,7 +114,7 @@ def test_a_failed_warm_up_is_not_blamed_on_the_deadline(tmp_path: Path, monkeypa
     monkeypatch.setattr(e2e, "execute_run", lambda spec: "failed")
     args, setup = _warm_inputs(tmp_path)
     record = e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), {"n": 2}, args, 100, 1e12,
-                               tmp_path)
+                               tmp_path, args.prompts, args.new_tokens)
     out = capsys.readouterr().out
     assert record["status"] == "failed" and "ended failed" in out and "larger --deadline" not in out
 
@@ -303,15 +304,27 @@ def test_the_commit_a_run_names_can_be_set_for_a_copied_tree(monkeypatch):
 
 
 def test_a_sampled_system_runs_fewer_prompts_and_tokens_in_its_own_file(suite: Path) -> None:
-    """--sample SYSTEM=PxT (for Accelerate's seconds per token): its own run file, the sample in the table."""
-    assert e2e.main(["--workdir", str(suite), "--systems", "transformers", "--sample", "transformers=1x2", *ARGS]) == 0
-    (doc,) = [d for d in report.load_runs(suite) if d["file"].endswith("__1x2.json")]
+    """--sample SYSTEM=PxT (for Accelerate's seconds per token): its own run file, the sample in its label."""
+    assert e2e.main(["--workdir", str(suite), "--systems", "transformers", "--sample", "transformers=1x5", *ARGS]) == 0
+    (doc,) = [d for d in report.load_runs(suite) if d["file"].endswith("__1x3.json")]  # 5 tokens capped at 3
     assert doc["status"] == "complete" and doc["system"] == "transformers"
+    assert doc["label"].endswith("(1 prompts × 3 tokens)")
     one, two = doc["batches"]["1"]["records"], doc["batches"]["2"]["records"]
     assert len(one) == 1 and len(two) == 1  # the first prompt; at least one batch of two
-    assert all(r["new_tokens"] == 2 for r in one + two)  # under --new-tokens 3
-    assert "| 1 × 2 |" in report.markdown([doc])
-    with pytest.raises(ZipMoEError, match="--sample"):
-        e2e.parse_samples(["accelerate=2x8"], ["zipmoe"])  # not among --systems
-    with pytest.raises(ZipMoEError, match="--sample"):
-        e2e.parse_samples(["zipmoe=2"], ["zipmoe"])
+    assert all(r["new_tokens"] == 3 for r in one + two)
+    (warm,) = doc["warm_process"]  # the process warm-up replayed the sample, not the whole prompt set
+    assert warm["groups"] == {"1": 1, "2": 1} and warm["groups_covered"] == warm["groups"]
+    assert "| 1 × 3 |" in report.markdown([doc])
+    for bad, why in ((["accelerate=2x8"], "--systems"), (["zipmoe=2"], "PROMPTSxTOKENS"),
+                     (["zipmoe=9x8"], "--prompts"), (["zipmoe=1x8", "zipmoe=2x8"], "twice")):
+        with pytest.raises(ZipMoEError, match=why):
+            e2e.parse_samples(bad, ["zipmoe"], prompts=8)
+
+
+def test_the_targets_take_a_complete_run_before_a_partial_one() -> None:
+    summary = {"tpot_s": {"median": 1.0}}
+    partial = {"system": "accelerate", "budget": 0.25, "batch": 1, "status": "partial", **summary}
+    sampled = {**partial, "status": "complete", "tpot_s": {"median": 2.0}}
+    assert report._find([partial, sampled], "accelerate", 0.25, 1) is sampled
+    assert report._find([partial], "accelerate", 0.25, 1) is partial
+    assert report._find([], "accelerate", 0.25, 1) is None

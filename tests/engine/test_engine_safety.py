@@ -17,6 +17,7 @@ from tests.tiny_models import build_tiny_checkpoint
 from zipmoe.convert import convert
 from zipmoe.errors import BudgetTooSmallError, ChecksumError, ZipMoEError
 from zipmoe.models.load import load, unload
+from zipmoe.planner.profile_io import stats_path
 from zipmoe.store import reader as reader_mod
 from zipmoe.store.aligned import ALIGN, StripedReads
 from zipmoe.store.reader import StoreReader
@@ -144,6 +145,33 @@ def test_plan_batch_must_be_a_positive_int(store, plan_batch):
         load(store, planning=True, plan_batch=plan_batch)
 
 
+def test_a_plan_for_a_batch_follows_the_calls_it_observes(store):
+    """Only the prior is turned into union curves: the statistics already see each call's union, so a
+    re-plan must plan for what calls needed (a second union would plan for nearly every expert)."""
+    with StoreReader(store) as r:
+        numel = next(iter(r.entries.values())).numel
+        dense = sum(p.stat().st_size for p in r.dense_files())
+        layers = sorted({k.layer for k in r.entries})
+        experts = len({k.expert for k in r.entries})
+    stats_path(store).unlink(missing_ok=True)
+    model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2, planning=True, plan_batch=4)
+    try:
+        pools = model.zipmoe_engine.pools
+        pools.replan_every, pools.drift_threshold = 10**9, 0.0
+        rng = np.random.default_rng(0)
+        per_call = 3  # the calls of this traffic need 3 distinct experts each
+        for _ in range(3000):
+            for layer in layers:
+                pools.observe(layer, sorted(rng.choice(experts, per_call, replace=False).tolist()))
+        pools.maybe_replan()
+        pools._thread.shutdown(wait=True)
+        assert pools.replans == 1
+        planned_for = pools.plan.snapshot.curves.sum(axis=1)
+        assert np.allclose(planned_for, per_call, rtol=0.05), planned_for
+    finally:
+        unload(model)
+
+
 def test_plan_batch_without_planning_is_refused(store):
     with pytest.raises(ZipMoEError, match="planning=True"):
         load(store, plan_batch=16)
@@ -163,6 +191,7 @@ def test_replanning_during_generation_keeps_logits_exact(store, tmp_path, plan_b
     with StoreReader(store) as r:
         numel = next(iter(r.entries.values())).numel
         dense = sum(p.stat().st_size for p in r.dense_files())
+    stats_path(store).unlink(missing_ok=True)  # start from the prior, not from an earlier test's statistics
     model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2, planning=True,
                  plan_batch=plan_batch)
     try:

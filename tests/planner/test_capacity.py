@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from zipmoe.errors import ZipMoEError
 from zipmoe.planner.capacity import PoolPlan, layout_cost, needs_replan, plan, replan
 from zipmoe.planner.makespan import (
     HIT_STATES,
@@ -215,3 +216,5 @@ def test_a_plan_costs_no_more_than_the_all_c_split_under_its_own_model():
         all_c = layout_cost(snapshot(), GEOM, COSTS, W, (0, n_c, 0, 0), per_call=per_call)
         assert p.predicted_s <= all_c * (1 + 1e-9)
         assert layout_cost(snapshot(), GEOM, COSTS, W, (0, 0, 0, 0), per_call=per_call) == pytest.approx(p.all_miss_s)
+    with pytest.raises(ZipMoEError, match="ranks"):
+        layout_cost(snapshot(), GEOM, COSTS, W, (0, E, 1, 0))

@@ -71,7 +71,7 @@ def groups(prompts: list, batch: int, count: int) -> list[list]:
     return [prompts[i * batch:(i + 1) * batch] for i in range(n)]
 
 
-def parse_samples(values: list[str], names: list[str]) -> dict[str, tuple[int, int]]:
+def parse_samples(values: list[str], names: list[str], prompts: int) -> dict[str, tuple[int, int]]:
     """--sample SYSTEM=PxT → {system: (prompts, new tokens)}: a smaller sample of the prompt set for a
     system whose every token costs seconds (Accelerate reads every expert per step, so its TPOT hardly
     depends on which tokens are measured), so that a whole suite fits a device session."""
@@ -79,9 +79,13 @@ def parse_samples(values: list[str], names: list[str]) -> dict[str, tuple[int, i
     for v in values:
         name, _, size = v.partition("=")
         p, _, t = size.partition("x")
-        if name not in names or not (p.isdigit() and t.isdigit()) or int(p) < 1 or int(t) < 1:
+        if name not in names or not (p.isdecimal() and t.isdecimal()) or int(p) < 1 or int(t) < 1:
             raise ZipMoEError(f"--sample takes SYSTEM=PROMPTSxTOKENS for a system in --systems ({', '.join(names)}), "
                               f"e.g. accelerate=2x8; got {v!r}")
+        if int(p) > prompts:
+            raise ZipMoEError(f"--sample {v}: {p} prompts is more than --prompts {prompts}; a sample is a subset")
+        if name in out:
+            raise ZipMoEError(f"--sample names {name} twice; give one sample per system")
         out[name] = (int(p), int(t))
     return out
 
@@ -98,7 +102,7 @@ def execute_run(spec: dict[str, Any]) -> str:
     path = Path(spec["run_path"])
     doc = json.loads(path.read_text()) if path.exists() else {**spec["meta"], "batches": {}}
     system = make_system(spec["system"])
-    doc.update(system=system.name, label=system.label, status="running")
+    doc.update(system=system.name, label=system.label + spec.get("sample", ""), status="running")
     if spec.get("warm_process"):  # one record per call that ran part of this run (a resumed run has several)
         doc.setdefault("warm_process", []).append(spec["warm_process"])
     reason = system.unavailable()
@@ -220,18 +224,19 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
                    min_len=min(8, args.max_prompt_len), max_len=args.max_prompt_len)
     meta = {"schema": SCHEMA, "params": params, "model": info["model"], "machine": machine_info(setup.device),
             "commit": info["commit"], "command": "zipmoe bench e2e " + " ".join(args.argv)}
-    samples = parse_samples(args.sample, names)
+    samples = parse_samples(args.sample, names, args.prompts)
     statuses: dict[str, str] = {}
     warm, warm_record = args.warm_process, None
     for name in names:
         system = make_system(name)
         for budget in system.budgets([make_budget(f, info["geometry"]) for f in _budgets(args.budgets)]):
             run_id = f"{name}__{budget.label}"
-            count, new_tokens = args.prompts, args.new_tokens
+            count, new_tokens, sample = args.prompts, args.new_tokens, ""
             if name in samples:  # its own file: records of another sample size never mix into it
                 count, cap = samples[name]
                 new_tokens = min(new_tokens or cap, cap)
-                run_id += f"__{count}x{cap}"
+                run_id += f"__{count}x{new_tokens}"
+                sample = f" ({count} prompts × {new_tokens} tokens)"
             path = runs_dir / f"{run_id}.json"
             if path.exists() and json.loads(path.read_text()).get("status") in ("complete", "unavailable"):
                 statuses[run_id] = "skipped (done)"
@@ -241,7 +246,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
                 continue
             if warm and not _needs_isolation(name, budget) and args.isolation != "process":
                 warm_until = min(deadline, time.time() + WARM_SHARE * args.deadline)
-                warm_record = _warm_process(name, setup, budget, prompts, args, vocab, warm_until, runs_dir)
+                warm_record = _warm_process(name, setup, budget, prompts, args, vocab, warm_until, runs_dir, count,
+                                            new_tokens)
                 warm = False
             # after the warm-up: dropping the page cache for a system that needs it must come last
             note, cgroup = _isolation(name, args.isolation, budget, setup, parse_size(args.cgroup_slack))
@@ -249,7 +255,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
                     "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
                     "prompt_count": count, "batches": args.batches, "new_tokens": new_tokens,
                     "warmup": args.warmup, "vocab_size": vocab, "deadline": deadline, "page_cache": note,
-                    "warm_process": warm_record,
+                    "warm_process": warm_record, "sample": sample,
                     "meta": {**meta, "budget_frac": budget.frac, "memory_budget": budget.nbytes}}
             statuses[run_id] = _launch(spec, args.isolation, cgroup)
             print(f"e2e: {run_id}: {statuses[run_id]}", flush=True)
@@ -257,7 +263,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argparse.Namespace, vocab: int,
-                  deadline: float, runs_dir: Path) -> dict:
+                  deadline: float, runs_dir: Path, count: int, new_tokens: int | None) -> dict:
     """An untimed, unreported replay of the first system's whole workload (same prompts, batch sizes and
     new tokens) before any measured run. On CUDA, torch's cuDNN attention builds an execution graph the
     first time a thread meets each (batch, query length, key length), about 8 ms per attention call on the
@@ -273,7 +279,7 @@ def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argpa
     path.unlink(missing_ok=True)  # one left by a killed call would resume, skipping its shapes
     spec = {"run_path": str(path), "system": name, "setup": setup.to_dict(),
             "budget": {"frac": budget.frac, "nbytes": budget.nbytes}, "prompts": prompts,
-            "prompt_count": args.prompts, "batches": args.batches, "new_tokens": args.new_tokens, "warmup": 1,
+            "prompt_count": count, "batches": args.batches, "new_tokens": new_tokens, "warmup": 1,
             "vocab_size": vocab, "deadline": deadline, "page_cache": "", "meta": {}}
     t0 = time.perf_counter()
     try:
@@ -281,7 +287,7 @@ def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argpa
         done = json.loads(path.read_text()).get("batches", {}) if path.exists() else {}
     finally:
         path.unlink(missing_ok=True)
-    total = {str(b): len(groups(list(range(args.prompts)), b, args.prompts)) for b in args.batches}
+    total = {str(b): len(groups(list(range(count)), b, count)) for b in args.batches}
     covered = {b: len(done.get(b, {}).get("records", [])) for b in total}
     record = {"system": name, "status": status, "seconds": time.perf_counter() - t0, "groups_covered": covered,
               "groups": total}
@@ -310,8 +316,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=None, help="cap on new tokens per request (default 64–128)")
     p.add_argument("--sample", nargs="+", default=[], metavar="SYSTEM=PxT",
-                   help="measure SYSTEM on its first P prompts per batch size and at most T new tokens "
-                        "(e.g. accelerate=2x8: seconds per token); the report shows each row's sample")
+                   help="measure SYSTEM on the first P prompts per batch size (at least one batch) and at most "
+                        "T new tokens (e.g. accelerate=2x8: seconds per token); its label shows the sample")
     p.add_argument("--prompt-seed", type=int, default=0)
     p.add_argument("--routing-seed", type=int, default=0)
     p.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one 8-token prefill before measuring")

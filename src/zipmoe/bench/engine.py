@@ -236,7 +236,9 @@ def run(args) -> dict:
             extra["capacities"] = {p: int(share * frac * expert_bf16) // per_entry[p]
                                    for p, share in zip((State.F, State.C, State.S, State.E), split, strict=True)}
         if extra.get("plan_batch") == "big":
-            extra["plan_batch"] = max(1, args.big_batch)
+            if args.big_batch < 2:
+                raise SystemExit(f"{name} plans for --big-batch; give one of at least 2")
+            extra["plan_batch"] = args.big_batch
         if extra.get("planning"):  # every planned row starts from the same prior, not from the routing
             stats_path(store).unlink(missing_ok=True)  # statistics an earlier row saved next to the store
         switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)

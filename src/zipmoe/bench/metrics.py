@@ -255,7 +255,9 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
     experts); `between_layers`: the previous layer done → this one asking (attention, router, shared
     expert, Python; the first layer of a step also carries lm_head and generate()'s own work), split into
     `sync_wait` (the routing's device→host syncs blocked: device time, e.g. kernels or copies still queued)
-    and `between_layers_host` (the rest: host time, Python and kernel launches).
+    and `between_layers_host` (the rest). sync_wait is a lower bound on device time: other syncs in the gap
+    (generate()'s stopping check before a step's first layer, attention masks) drain the queue first and
+    count as host time.
     `disk_busy_share`: share of the decode steps' time with some read in flight, the layers' own and the
     prefetcher's (`prefetch_spans`: perf_counter (start, end, bytes) of each prefetch read); `prefetch_union`
     per step; `read_gb_per_s_in_flight`: the bytes those reads brought in ÷ that busy time, the rate the disk
@@ -288,7 +290,7 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
               "before_first_read_ms", "after_last_read_ms", "reads"):
         vals = [r[k] * (1e3 if k.endswith("_ms") else 1) for r in rows if k in r]
         out[k] = float(np.median(vals)) if vals else None
-        out[f"{k}_sum_per_step"] = sum(vals) * layers_per_step / len(rows) if rows else None
+        out[f"{k}_sum_per_step"] = sum(vals) * layers_per_step / len(rows) if vals else None
     if rows:
         lo, hi = trace[layers_per_step - 1].left, calls[-1].left
         clip = [(max(a, lo), min(b, hi)) for a, b in all_spans if b > lo and a < hi]

@@ -93,7 +93,10 @@ def table(rs: list[dict[str, Any]]) -> str:
 
 
 def _find(rs: list[dict[str, Any]], system: str, budget: float | None, batch: int) -> dict[str, Any] | None:
-    return next((r for r in rs if r["system"] == system and r["budget"] == budget and r["batch"] == batch), None)
+    """The row of a system × budget × batch; a complete run before a partial one (a sampled run of a
+    system beside a cut-off full one, say)."""
+    found = [r for r in rs if r["system"] == system and r["budget"] == budget and r["batch"] == batch]
+    return next((r for r in found if r["status"] == "complete"), found[0] if found else None)
 
 
 def targets(rs: list[dict[str, Any]]) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from zipmoe.planner import PoolPlan, RankSnapshot, RoutingStats, plan, rank_drift, replan
+from zipmoe.planner import PoolPlan, RoutingStats, needs_replan, plan, replan
 from zipmoe.planner.admission import PlannedAdmission
 from zipmoe.planner.cost_model import profile_machine, store_geometry
 from zipmoe.planner.profile_io import load_stats, profile_curves, save_stats, stats_path, store_fingerprint
@@ -37,11 +37,10 @@ class PlannedPools:
         entries = reader.entries
         layers = sorted({k.layer for k in entries})
         experts = len({k.expert for k in entries})
-        # batch: requests decoded together. The pools are sized for layer calls that need the union of
-        # that many requests' experts (stats.batch_curves), priced by the bound model since the number
-        # of distinct experts per call varies. Statistics are counted per call, normalised to top_k
-        # experts, so curves observed at batch > 1 are already flatter than one request's: a plan made
-        # from them over-flattens a little (the pool totals it sets are kept by every re-plan anyway).
+        # batch: requests decoded together. A layer call then needs the union of that many requests'
+        # experts: the statistics observe exactly that (each call's share of experts), so only the prior
+        # is turned into union curves (stats.batch_curves); calls of varying size are priced by the bound
+        # model. Statistics persisted by earlier runs describe the batches those runs served.
         self.top_k, self.workers, self.batch = top_k, workers, batch
         self._per_call = top_k if batch == 1 else None
         self.geometry = store_geometry(reader)
@@ -50,11 +49,11 @@ class PlannedPools:
         stats = load_stats(self._path, self._fingerprint, layers, experts)
         if stats is None:
             stats = RoutingStats(layers, experts)
-            seed_from_curves(stats, profile_curves(PRIOR, len(layers), experts, top_k=top_k))
+            prior = profile_curves(PRIOR, len(layers), experts, top_k=top_k)
+            seed_from_curves(stats, batch_curves(prior, batch))
         self.stats = stats
-        self._planned_from = stats.snapshot()  # per-request curves of the current plan (drift reference)
-        self.plan: PoolPlan = plan(self._for_batch(self._planned_from), self.geometry, self.costs, workers,
-                                   pool_budget, per_call=self._per_call)
+        self.plan: PoolPlan = plan(stats.snapshot(), self.geometry, self.costs, workers, pool_budget,
+                                   per_call=self._per_call)
         # Which experts fill the pools: by default the cache's recency policy (LRU) inside the planned
         # capacities, because routing skew is mostly within a request (a new prompt permutes which
         # experts are hot; ../data/routing_profiles.json: top 25 % take 63 % within a prompt, 34 %
@@ -80,19 +79,13 @@ class PlannedPools:
         if self._pending is not None and not self._pending.done():
             return
         snapshot = self.stats.snapshot()
-        if rank_drift(self._planned_from, snapshot) > self.drift_threshold:
+        if needs_replan(self.plan, snapshot, self.drift_threshold):
             self._pending = self._thread.submit(self._replan, snapshot)
+            self._pending.add_done_callback(_log_failure)
 
-    def _for_batch(self, snapshot: RankSnapshot) -> RankSnapshot:
-        """The curves of a layer call at this batch size (planning thread: Monte-Carlo at batch > 1)."""
-        if self.batch == 1:
-            return snapshot
-        return RankSnapshot(snapshot.layers, batch_curves(snapshot.curves, self.batch), snapshot.observations)
-
-    def _replan(self, snapshot: RankSnapshot) -> None:
-        new = replan(self.plan, self._for_batch(snapshot), self.geometry, self.costs, self.workers,
-                     per_call=self._per_call)
-        self.plan, self._planned_from = new, snapshot
+    def _replan(self, snapshot) -> None:
+        new = replan(self.plan, snapshot, self.geometry, self.costs, self.workers, per_call=self._per_call)
+        self.plan = new
         if self.admission is not None:
             self.admission.set_plan(new)
         self.replans += 1
@@ -102,3 +95,9 @@ class PlannedPools:
         """Finish a running re-plan and persist the statistics next to the store (best effort)."""
         self._thread.shutdown(wait=True)
         save_stats(self.stats, self._path, self._fingerprint)  # warns itself when the disk refuses
+
+
+def _log_failure(done: Future) -> None:
+    """A failed re-plan keeps the old plan (outputs never depend on it) but must not pass unnoticed."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("re-planning the expert pools failed; keeping the current plan: %r", done.exception())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import os
 import weakref
 from collections.abc import Callable
@@ -103,7 +104,7 @@ def load(
     starts and once more at the end with done == total, for a progress bar; None (default) = silent.
     """
     device = torch.device(device)
-    if not isinstance(plan_batch, int) or plan_batch < 1:
+    if isinstance(plan_batch, bool) or not isinstance(plan_batch, numbers.Integral) or plan_batch < 1:
         raise ZipMoEError(f"plan_batch must be a positive int (requests decoded together), got {plan_batch!r}")
     if plan_batch != 1 and not planning:
         raise ZipMoEError("plan_batch sizes planned pools: pass planning=True with it, or leave it out")

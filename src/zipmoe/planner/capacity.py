@@ -155,6 +155,8 @@ def layout_cost(
 ) -> float:
     """Expected s per model step of one layout (the same split in every layer), under plan()'s model:
     what a fixed split such as the default all-C one costs next to a plan."""
+    if min(sizes) < 0 or sum(sizes) > snapshot.curves.shape[1]:
+        raise ZipMoEError(f"a layout gives 0..{snapshot.curves.shape[1]} ranks to the pools, got {sizes}")
     obj = _objective(snapshot, geom, costs, workers, per_call, mode)
     return sum(obj.layer(i, sizes) for i in range(len(snapshot.layers)))
 
