@@ -159,10 +159,15 @@ class Engine:
         self.staging = cache.staging(staging_slots, exp=False)  # every load decodes fused: no exponent planes
         self._cuda = device.type == "cuda"
         # CUDA: workers merge into pinned host BF16, the compute thread copies it to the device.
-        self._host_out = None
+        # Per slot, made once (no allocation per expert): the pinned row the H2D copy reads, and its
+        # uint16 view that the decode workers merge into.
+        self._host_rows: tuple[torch.Tensor, ...] = ()
+        self._host_u16: list[np.ndarray] = []
         if self._cuda:
             cache.budget.reserve("staging.host_bf16", staging_slots * cache.numel * 2)
-            self._host_out = torch.empty((staging_slots, cache.numel), dtype=torch.int16, pin_memory=True)
+            host_out = torch.empty((staging_slots, cache.numel), dtype=torch.int16, pin_memory=True)
+            self._host_rows = host_out.unbind(0)
+            self._host_u16 = [row.view(np.uint16) for row in host_out.numpy()]
         self._copied = [torch.cuda.Event() for _ in range(staging_slots)] if self._cuda else []
         self._closed = False
         self.resident = False  # set by load(): the model runs its own kernels on the F pool (no hits counted)
@@ -257,7 +262,7 @@ class Engine:
         load.slot = slot
         if self._cuda:
             self._copied[slot].synchronize()  # the previous wave's H2D from this slot is done
-            load.out_u16 = self._host_out[slot].numpy().view(np.uint16)
+            load.out_u16 = self._host_u16[slot]
             load.out = t.full if t.full is not None else st.full.views[slot]
         elif t.full is not None:
             load.out_u16, load.out = t.full_u16, t.full
@@ -316,7 +321,7 @@ class Engine:
             return
         if self._cuda:
             slot = load.slot
-            load.out.view(torch.int16).copy_(self._host_out[slot], non_blocking=True)
+            load.out.view(torch.int16).copy_(self._host_rows[slot], non_blocking=True)
             self._copied[slot].record()
         self.cache.commit(load.key, e_nbytes=load.entry.e_length)
 
@@ -400,7 +405,7 @@ class Engine:
         st = self.staging
         load.sm = self.reader.read_sm_into(entry, st.sm.views[0])
         load.shards = self.reader.read_e_into(entry, st.e.views[0])
-        load.out_u16 = self._host_out[0].numpy().view(np.uint16) if self._cuda else st.full.u16[0]
+        load.out_u16 = self._host_u16[0] if self._cuda else st.full.u16[0]
         ops = LayerOps(self, {entry.key: load})
         for shard in range(len(entry.e_shards)):
             ops.decode_shard(entry.key, shard)
@@ -424,6 +429,7 @@ class Engine:
             self.pools.close()
         if self._cuda:
             torch.cuda.synchronize(self.device)
+            self._host_rows, self._host_u16 = (), []  # the pinned staging goes with its last view
             self.cache.budget.release("staging.host_bf16")
         self.cache.release_staging(self.staging)
         self.cache.close()
