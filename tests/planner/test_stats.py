@@ -117,13 +117,28 @@ def test_stats_file_round_trip(tmp_path, fake_store):
     assert np.allclose(back.frequencies(1), st.frequencies(1))
 
 
+def test_stats_of_another_batch_size_are_set_aside(tmp_path, fake_store, caplog):
+    """A batch-16 server's statistics count 16 requests' unions per call: a batch-1 plan must not use them."""
+    st, fp, path = _stats(), store_fingerprint(fake_store), tmp_path / "s.json"
+    assert save_stats(st, path, fp, batch=16)
+    assert load_stats(path, fp, [1, 2], 5, decay=0.99, batch=16) is not None
+    with caplog.at_level(logging.INFO, logger="zipmoe.planner.profile_io"):
+        assert load_stats(path, fp, [1, 2], 5, decay=0.99) is None
+    assert "observed at batch 16, planning for batch 1" in caplog.text
+    from zipmoe.planner import profile_io
+
+    _edit(path, lambda d: (d["body"].pop("batch"), d.__setitem__("checksum", profile_io._checksum(d["body"]))))
+    assert load_stats(path, fp, [1, 2], 5, decay=0.99) is not None  # files from before the field: batch 1
+
+
 def _edit(path, fn):
     doc = json.loads(path.read_text())
     fn(doc)
     path.write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("case", ["garbage", "checksum", "version", "other_store", "shape", "resealed_bad"])
+@pytest.mark.parametrize("case", ["garbage", "checksum", "version", "other_store", "shape", "resealed_bad",
+                                  "bad_batch"])
 def test_stale_or_corrupt_stats_are_ignored_with_a_warning(tmp_path, fake_store, caplog, case):
     fp, path = store_fingerprint(fake_store), tmp_path / "s.json"
     save_stats(_stats(), path, fp)
@@ -141,6 +156,11 @@ def test_stale_or_corrupt_stats_are_ignored_with_a_warning(tmp_path, fake_store,
         fp = "0" * 16
     elif case == "shape":
         layers = [1, 2, 3]
+    elif case == "bad_batch":
+        from zipmoe.planner import profile_io
+
+        _edit(path, lambda d: (d["body"].__setitem__("batch", 0),
+                               d.__setitem__("checksum", profile_io._checksum(d["body"]))))
     else:  # a consistent checksum over impossible numbers is still refused
         from zipmoe.planner import profile_io
 

@@ -40,13 +40,13 @@ class PlannedPools:
         # batch: requests decoded together. A layer call then needs the union of that many requests'
         # experts: the statistics observe exactly that (each call's share of experts), so only the prior
         # is turned into union curves (stats.batch_curves); calls of varying size are priced by the bound
-        # model. Statistics persisted by earlier runs describe the batches those runs served.
+        # model. Statistics are persisted with the batch size they were observed at, and reused only for it.
         self.top_k, self.workers, self.batch = top_k, workers, batch
         self._per_call = top_k if batch == 1 else None
         self.geometry = store_geometry(reader)
         self.profile = profile_machine(store, device, read_stripes=reader.read_stripes)
         self.costs: CostModel = self.profile.cost_model()
-        stats = load_stats(self._path, self._fingerprint, layers, experts)
+        stats = load_stats(self._path, self._fingerprint, layers, experts, batch=batch)
         if stats is None:
             stats = RoutingStats(layers, experts)
             prior = profile_curves(PRIOR, len(layers), experts, top_k=top_k)
@@ -94,7 +94,7 @@ class PlannedPools:
     def close(self) -> None:
         """Finish a running re-plan and persist the statistics next to the store (best effort)."""
         self._thread.shutdown(wait=True)
-        save_stats(self.stats, self._path, self._fingerprint)  # warns itself when the disk refuses
+        save_stats(self.stats, self._path, self._fingerprint, self.batch)  # warns itself when the disk refuses
 
 
 def _log_failure(done: Future) -> None:

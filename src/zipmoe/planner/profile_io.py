@@ -52,11 +52,12 @@ def _checksum(body: dict[str, Any]) -> str:
     return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
-def save_stats(stats: RoutingStats, path: str | os.PathLike, fingerprint: str) -> bool:
-    """Write the statistics atomically (temp file + rename); False (and a warning) if the disk refuses."""
+def save_stats(stats: RoutingStats, path: str | os.PathLike, fingerprint: str, batch: int = 1) -> bool:
+    """Write the statistics atomically (temp file + rename); False (and a warning) if the disk refuses.
+    batch: the requests decoded together while they were observed (a call's experts are their union)."""
     st = stats.state()
     body = {
-        "format": STATS_FORMAT, "version": STATS_VERSION, "store": fingerprint,
+        "format": STATS_FORMAT, "version": STATS_VERSION, "store": fingerprint, "batch": batch,
         "num_experts": stats.num_experts, "layers": list(stats.layers), "decay": stats.decay,
         "counts": st["counts"].tolist(), "steps": st["steps"].tolist(),
     }
@@ -73,9 +74,12 @@ def save_stats(stats: RoutingStats, path: str | os.PathLike, fingerprint: str) -
 
 
 def load_stats(
-    path: str | os.PathLike, fingerprint: str, layers: Sequence[int], num_experts: int, decay: float = 0.998
+    path: str | os.PathLike, fingerprint: str, layers: Sequence[int], num_experts: int, decay: float = 0.998,
+    batch: int = 1,
 ) -> RoutingStats | None:
-    """Statistics saved for this store and shape, or None (with a warning unless the file is absent)."""
+    """Statistics saved for this store, shape and batch size, or None (with a warning unless the file is
+    absent; statistics of another batch size are set aside with an info line: they are sound, but describe
+    calls of another size)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -88,6 +92,10 @@ def load_stats(
         body = _validated_body(raw, fingerprint, tuple(layers), num_experts)
     except ValueError as exc:
         log.warning("ignoring routing statistics %s: %s", path, exc)
+        return None
+    if body["batch"] != batch:
+        log.info("not using routing statistics %s: observed at batch %d, planning for batch %d starts from "
+                 "the prior", path, body["batch"], batch)
         return None
     stats = RoutingStats(layers, num_experts, decay)
     stats.restore(body["counts"], body["steps"])
@@ -116,7 +124,10 @@ def _validated_body(raw: bytes, fingerprint: str, layers: tuple[int, ...], num_e
         raise ValueError("corrupt (counts have the wrong shape or values)")
     if np.any(counts > steps[:, None] * (1 + 1e-9) + 1e-12):
         raise ValueError("corrupt (an expert is counted more often than its layer was called)")
-    return {"counts": counts, "steps": steps}
+    batch = body.get("batch", 1)  # files written before the field observed batch 1 (the only planned size)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"corrupt (batch {batch!r})")
+    return {"counts": counts, "steps": steps, "batch": batch}
 
 
 # ---- priors from the shipped real routing profiles ----
