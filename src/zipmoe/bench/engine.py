@@ -13,6 +13,7 @@ O_DIRECT disk bandwidth, and decode work ÷ workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import itertools
@@ -126,6 +127,28 @@ def oracle_hints(model, routing: LookaheadRouting, accuracy: float, seed: int) -
             engine.hint(following[layer], list(dict.fromkeys(noisy.tolist())))
 
         module.register_forward_hook(hook)
+
+
+@contextlib.contextmanager
+def torch_profile(directory: str | None, label: str):
+    """torch.profiler over a run (CPU and, where present, CUDA activity), written as two op tables: by
+    device time (what the device spent on copies and kernels) and by host self time (launch and Python
+    cost). Timings under the profiler are inflated; read the tables for shares, not for TPOT."""
+    if directory is None:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield
+    table = prof.key_averages()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    (out / f"torch-{label}.txt").write_text(
+        f"by {device_key}\n{table.table(sort_by=device_key, row_limit=40)}\n"
+        f"by self_cpu_time_total\n{table.table(sort_by='self_cpu_time_total', row_limit=40)}\n")
 
 
 WARMUP_REQUEST = 1 << 20  # request number of the untimed warm-up; measured batches use 0, 1, … (batch 1: 0)
@@ -273,8 +296,9 @@ def run(args) -> dict:
                         engine.prefetcher.read_spans = []
                 if profiler:
                     profiler.enable()
-                m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed,
-                            first_request=0 if batch == 1 else 1)
+                with torch_profile(args.torch_profile if batch == 1 else None, f"{name}-{frac}"):
+                    m = measure(model, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed,
+                                first_request=0 if batch == 1 else 1)
                 if profiler:
                     profiler.disable()
                     out = io.StringIO()
@@ -350,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="first run every measured shape once untimed (CUDA attention builds a graph per shape)")
     p.add_argument("--trace", action="store_true", help="record where batch-1 decode time goes (per-layer medians)")
     p.add_argument("--profile", default=None, help="directory for cProfile reports of the batch-1 runs")
+    p.add_argument("--torch-profile", default=None,
+                   help="directory for torch.profiler op tables (device and host time) of the batch-1 runs")
     args = p.parse_args(argv)
     result = run(args)
     if args.json:
