@@ -15,11 +15,12 @@ NAN = math.nan
 
 
 def _layer(layer: int, entered: float, left: float, reads: list[tuple[float, float]], started: float,
-           read_bytes: int = 0, sync_wait_s: float | None = None) -> LayerTrace:
+           read_bytes: int = 0, sync_wait_s: float | None = None,
+           forward: tuple[float, float] | None = None) -> LayerTrace:
     experts = tuple(ExpertTimes(ExpertKey(layer, e), a, b, NAN, NAN, NAN, NAN, NAN) for e, (a, b) in enumerate(reads))
     cached = ExpertTimes(ExpertKey(layer, 9), *([NAN] * 7))  # an expert with no read
     run = PlanTimings(left - started, 0.0, 0.0, 0.0, (*experts, cached), started)
-    return LayerTrace(layer, entered, left, 0, (run,), read_bytes, sync_wait_s)
+    return LayerTrace(layer, entered, left, 0, (run,), read_bytes, sync_wait_s, *(forward or (None, None)))
 
 
 def test_trace_summary_splits_a_step_into_reads_gaps_and_tails():
@@ -62,3 +63,19 @@ def test_trace_summary_splits_the_gaps_into_device_wait_and_host_time():
     assert out["between_layers_ms_sum_per_step"] == pytest.approx(10.0)
     untimed = trace_summary([*prefill, _layer(0, 2.006, 2.1, [], 2.006)], layers_per_step=1)
     assert untimed["sync_wait_ms"] is None and untimed["sync_wait_ms_sum_per_step"] is None  # untimed: none
+
+
+def test_trace_summary_splits_the_gaps_by_whose_code_ran():
+    prefill = [_layer(0, 0.0, 1.0, [(0.0, 0.5)], 0.0), _layer(1, 1.1, 2.0, [(0.0, 0.5)], 1.1)]
+    # layer 0's forward returned 1 ms after its loads (2.001), the model ran until layer 1's forward at 2.004,
+    # which asked for experts at 2.006; then 2.2 → 2.203 → 2.2035 → 2.204 for the next
+    step = [_layer(0, 2.006, 2.2, [], 2.006, forward=(2.004, 2.001)),
+            _layer(1, 2.204, 2.3, [], 2.204, forward=(2.2035, 2.203))]
+    out = trace_summary(prefill + step, layers_per_step=2)
+    assert out["experts_tail_ms_sum_per_step"] == pytest.approx(4.0)
+    assert out["model_between_ms_sum_per_step"] == pytest.approx(3.5)
+    assert out["experts_head_ms_sum_per_step"] == pytest.approx(2.5)
+    assert out["between_layers_ms_sum_per_step"] == pytest.approx(10.0)  # the three parts make the gap
+    # marks out of order (not this step's forwards: a stale value) are not used
+    stale = trace_summary([*prefill, _layer(0, 2.006, 2.2, [], 2.006, forward=(2.004, 1.5))], layers_per_step=1)
+    assert stale["experts_tail_ms"] is None

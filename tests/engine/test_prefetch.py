@@ -3,6 +3,8 @@ and off (and to plain transformers), for every model type, at a budget that forc
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -91,8 +93,13 @@ def test_the_trace_counts_every_byte_the_layers_read(converted):
         # every layer call's routing sync was timed and handed to the engine (then reset for the next)
         assert engine.trace and all(t.sync_wait_s is not None and t.sync_wait_s > 0 for t in engine.trace)
         assert engine.sync_wait_s == 0.0
+        # and each call knows when its experts forward began and the previous one returned, in order
+        for prev, cur in itertools.pairwise(engine.trace):
+            assert prev.left <= cur.previous_forward_left <= cur.forward_entered <= cur.entered
         engine.trace = None
+        marks = engine.forward_entered_at, engine.forward_left_at
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert engine.sync_wait_s == 0.0, "untraced runs must not time their syncs"
+        assert (engine.forward_entered_at, engine.forward_left_at) == marks, "nor mark their forwards"
     finally:
         unload(model)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gzip
 import io
 import itertools
 import json
 import os
 import pstats
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -146,6 +148,11 @@ def torch_profile(directory: str | None, label: str):
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    trace = out / f"torch-{label}.json"
+    prof.export_chrome_trace(str(trace))  # the timeline, for gaps no table shows (chrome://tracing, Perfetto)
+    with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
     (out / f"torch-{label}.txt").write_text(
         f"by {device_key}\n{table.table(sort_by=device_key, row_limit=40)}\n"
         f"by self_cpu_time_total\n{table.table(sort_by='self_cpu_time_total', row_limit=40)}\n")
@@ -375,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", action="store_true", help="record where batch-1 decode time goes (per-layer medians)")
     p.add_argument("--profile", default=None, help="directory for cProfile reports of the batch-1 runs")
     p.add_argument("--torch-profile", default=None,
-                   help="directory for torch.profiler op tables (device and host time) of the batch-1 runs")
+                   help="directory for torch.profiler op tables (device, host time) and timelines of the batch-1 runs")
     args = p.parse_args(argv)
     result = run(args)
     if args.json:

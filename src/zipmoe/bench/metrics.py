@@ -257,7 +257,10 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
     `sync_wait` (the routing's device→host syncs blocked: device time, e.g. kernels or copies still queued)
     and `between_layers_host` (the rest). sync_wait is a lower bound on device time: other syncs in the gap
     (generate()'s stopping check before a step's first layer, attention masks) drain the queue first and
-    count as host time.
+    count as host time. The same gap split by where the code runs: `experts_tail` (our experts forward after
+    its last expert: the reference's matmuls and sum), `model_between` (the model's own code from one experts
+    forward to the next: shared expert, norms, attention, router) and `experts_head` (our forward before
+    asking: routing sync, slot tables).
     `disk_busy_share`: share of the decode steps' time with some read in flight, the layers' own and the
     prefetcher's (`prefetch_spans`: perf_counter (start, end, bytes) of each prefetch read); `prefetch_union`
     per step; `read_gb_per_s_in_flight`: the bytes those reads brought in ÷ that busy time, the rate the disk
@@ -281,13 +284,19 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
         if wait is not None:
             row["sync_wait_ms"] = wait
             row["between_layers_host_ms"] = row["between_layers_ms"] - row["sync_wait_ms"]
+        entered, left = getattr(cur, "forward_entered", None), getattr(cur, "previous_forward_left", None)
+        if entered is not None and left is not None and prev.left <= left <= entered <= cur.entered:
+            row["experts_tail_ms"] = left - prev.left
+            row["model_between_ms"] = entered - left
+            row["experts_head_ms"] = cur.entered - entered
         if spans:
             row["before_first_read_ms"] = spans[0][0] - cur.entered
             row["after_last_read_ms"] = cur.left - max(b for _, b in spans)
         rows.append(row)
     out = {"layer_calls": len(rows)}
-    for k in ("layer_ms", "between_layers_ms", "sync_wait_ms", "between_layers_host_ms", "read_union_ms",
-              "before_first_read_ms", "after_last_read_ms", "reads"):
+    for k in ("layer_ms", "between_layers_ms", "sync_wait_ms", "between_layers_host_ms", "experts_tail_ms",
+              "model_between_ms", "experts_head_ms", "read_union_ms", "before_first_read_ms", "after_last_read_ms",
+              "reads"):
         vals = [r[k] * (1e3 if k.endswith("_ms") else 1) for r in rows if k in r]
         out[k] = float(np.median(vals)) if vals else None
         out[f"{k}_sum_per_step"] = sum(vals) * layers_per_step / len(rows) if vals else None

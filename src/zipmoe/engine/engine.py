@@ -81,6 +81,8 @@ class LayerTrace:
     runs: tuple[PlanTimings, ...]  # one executor run per wave, in order
     read_bytes: int = 0  # bytes the layer's own reads brought in (prefetched planes not included)
     sync_wait_s: float | None = None  # time the routing's device→host syncs blocked before this call
+    forward_entered: float | None = None  # when models/compute's experts forward of this call began
+    previous_forward_left: float | None = None  # when the previous call's experts forward returned
 
 
 class _Load:
@@ -174,6 +176,8 @@ class Engine:
         self.on_close: list[Callable[[], None]] = []  # run first by close() (load: drop resident weights)
         self.trace: list[LayerTrace] | None = None  # set to a list to record every layer (benchmarks)
         self.sync_wait_s = 0.0  # added to by models/compute while tracing: time its routing syncs blocked
+        self.forward_entered_at: float | None = None  # set by models/compute while tracing (LayerTrace)
+        self.forward_left_at: float | None = None
         shorten_switch_interval()  # the loader threads hand results on without waiting 5 ms for the GIL
 
     # ---- ExpertSource ----
@@ -221,7 +225,7 @@ class Engine:
         self.stats.layers += 1
         if self.trace is not None:
             self.trace.append(LayerTrace(layer, t_layer, t_end, len(hits), tuple(runs), _read_bytes(loads),
-                                         self.sync_wait_s))
+                                         self.sync_wait_s, self.forward_entered_at, self.forward_left_at))
             self.sync_wait_s = 0.0
 
     # ---- one wave: claim slots, plan, run ----
