@@ -173,11 +173,17 @@ def test_rerun_skips_complete_runs_and_resumes_a_partial_one(suite: Path) -> Non
     doc["batches"]["1"]["records"] = doc["batches"]["1"]["records"][:1]
     path.write_text(json.dumps(doc))
     others = {p: p.stat().st_mtime_ns for p in suite.glob("runs/*/*.json") if p != path}
-    assert e2e.main(["--workdir", str(suite), "--systems", ",".join(SYSTEMS), *ARGS]) == 0
+    resume = ["--workdir", str(suite), "--systems", ",".join(SYSTEMS), *ARGS, "--deadline", "500"]
+    assert e2e.main(resume) == 0
     after = json.loads(path.read_text())
     assert after["status"] == "complete" and len(after["batches"]["1"]["records"]) == 2
     assert after["batches"]["1"]["records"][0] == doc["batches"]["1"]["records"][0]  # kept, not redone
     assert {p: p.stat().st_mtime_ns for p in others} == others
+    # the run names every call that worked on it, and so does the report's list of commands
+    first, second = after["commands"]
+    assert second == "zipmoe bench e2e " + " ".join(resume) and first != second
+    text = report.markdown(report.load_runs(suite))
+    assert f"    {first}" in text and f"    {second}" in text
 
 
 def test_system_interface_and_deadline_stop(suite: Path) -> None:
@@ -328,3 +334,30 @@ def test_the_targets_take_a_complete_run_before_a_partial_one() -> None:
     assert report._find([partial, sampled], "accelerate", 0.25, 1) is sampled
     assert report._find([partial], "accelerate", 0.25, 1) is partial
     assert report._find([], "accelerate", 0.25, 1) is None
+
+
+def test_the_attention_warm_up_replays_on_a_one_layer_clone(suite: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--warm-process attention: the same prompts, batches and tokens through a one-decoder-layer clone of the
+    model (plain transformers, random weights): every group covered, at a fraction of a replay's cost."""
+    from zipmoe.bench.baselines.transformers_ref import AttentionWarmUp
+
+    loaded: list[torch.nn.Module] = []
+    real_load = AttentionWarmUp._load
+    monkeypatch.setattr(AttentionWarmUp, "_load", lambda self, *a: loaded.append(real_load(self, *a)) or loaded[-1])
+    parser = argparse.ArgumentParser()
+    e2e.configure(parser)
+    args = parser.parse_args(["--workdir", str(suite), *ARGS, "--warm-process", "attention"])
+    setup, info = e2e.prepare_workdir(args, need_raw=False, need_offload=False)  # the suite's, already built
+    vocab = info["config"]["vocab_size"]
+    prompts = {"vocab_size": vocab, "n": 2, "seed": 0, "min_len": 8, "max_len": 16}
+    record = e2e._warm_process("zipmoe", setup, Budget(frac=0.25, nbytes=1 << 30), prompts, args, vocab,
+                               time.time() + 300, tmp_path, args.prompts, args.new_tokens)
+    assert record["system"] == "attention-warmup" and record["status"] == "complete"
+    assert record["groups_covered"] == record["groups"] == {"1": 2, "2": 1}
+    (model,) = loaded
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    full = info["config"]
+    assert model.config.hidden_size == full["hidden_size"]
+    assert model.config.num_attention_heads == full["num_attention_heads"]
+    assert not list(tmp_path.iterdir()), "the scratch run file is removed"

@@ -138,7 +138,7 @@ def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
     m, model = first.get("machine", {}), first.get("model", {})
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     commits = sorted({d.get("commit", "?") for d in runs})
-    commands = sorted({d.get("command", "?") for d in runs})
+    commands = sorted({c for d in runs for c in d.get("commands") or [d.get("command", "?")]})
     notes = sorted({f"{d['system']}: {d['page_cache']}" for d in runs if d.get("page_cache")})
     skipped = [f"- {d['system']} at {_budget(d.get('budget_frac'))}: {d['status']} — {d.get('reason', '')}"
                for d in runs if d.get("status") in ("unavailable", "failed")]
@@ -159,8 +159,8 @@ def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
     cold = sorted({f"- {w['system']} ({w['status']}): {w['groups_covered']} of {w['groups']} prompt groups per "
                    "batch size" for d in runs for w in d.get("warm_process", []) if w["groups_covered"] != w["groups"]})
     if cold:
-        parts += ["Process warm-up cut short (the first system's runs of the groups it missed pay CUDA attention "
-                  "graph builds):", *cold, ""]
+        parts += ["Process warm-up cut short (the first run to meet a group it missed pays that group's CUDA "
+                  "attention graph builds):", *cold, ""]
     if skipped:
         parts += ["Systems that did not run:", *skipped, ""]
     parts += [f"![TPOT vs budget]({plot_dir}/{PLOTS[0]}) ![throughput vs batch]({plot_dir}/{PLOTS[1]}) "

@@ -24,12 +24,18 @@ SYSTEMS: dict[str, tuple[str, str]] = {
     "dfloat11": ("zipmoe.bench.baselines.optional", "DFloat11System"),
 }
 
+# not compared, never in --systems: what `bench e2e --warm-process attention` replays the workload on
+WARM_UP_SYSTEMS: dict[str, tuple[str, str]] = {
+    "attention-warmup": ("zipmoe.bench.baselines.transformers_ref", "AttentionWarmUp"),
+}
+
 
 def make_system(name: str) -> HFSystem:
-    """A fresh system object by its --systems name."""
-    if name not in SYSTEMS:
+    """A fresh system object by its --systems name (or a warm-up system's)."""
+    found = SYSTEMS.get(name) or WARM_UP_SYSTEMS.get(name)
+    if found is None:
         raise ZipMoEError(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}")
-    module, cls = SYSTEMS[name]
+    module, cls = found
     return getattr(importlib.import_module(module), cls)()
 
 

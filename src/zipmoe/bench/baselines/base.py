@@ -157,7 +157,8 @@ class HFSystem:
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = torch.tensor(p.token_ids)
             mask[row, width - len(p):] = 1
-        self.routing.begin_prompts([p.index for p in prompts])
+        if self.routing is not None:  # None: the model's own routers (the attention warm-up's clone)
+            self.routing.begin_prompts([p.index for p in prompts])
         base = self.probe.start()
         t0 = _now(self.setup.device)
         with torch.no_grad():
