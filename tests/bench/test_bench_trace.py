@@ -79,3 +79,34 @@ def test_trace_summary_splits_the_gaps_by_whose_code_ran():
     # marks out of order (not this step's forwards: a stale value) are not used
     stale = trace_summary([*prefill, _layer(0, 2.006, 2.2, [], 2.006, forward=(2.004, 1.5))], layers_per_step=1)
     assert stale["experts_tail_ms"] is None
+
+
+def test_timeline_gaps_splits_each_layer_into_op_time_and_the_rest(tmp_path):
+    """scripts/timeline_gaps.py on a timeline of two threads: nested ops count once, the other thread not."""
+    import gzip
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "timeline_gaps", Path(__file__).resolve().parents[2] / "scripts" / "timeline_gaps.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    events = []
+    for layer in range(3):  # layer windows of 1000 µs: attention 100 µs, a linear of 200 µs holding a nested mm
+        t = layer * 1000
+        events += [{"ph": "X", "cat": "cpu_op", "tid": 1, "name": "aten::scaled_dot_product_attention", "ts": t,
+                    "dur": 100},
+                   {"ph": "X", "cat": "cpu_op", "tid": 1, "name": "aten::linear", "ts": t + 300, "dur": 200},
+                   {"ph": "X", "cat": "cpu_op", "tid": 1, "name": "aten::mm", "ts": t + 310, "dur": 150}]
+    events.append({"ph": "X", "cat": "cpu_op", "tid": 2, "name": "aten::copy_", "ts": 0, "dur": 5000})  # a worker
+    events.append({"ph": "X", "cat": "cpu_op", "tid": 1, "name": "aten::scaled_dot_product_attention",
+                   "ts": 3000, "dur": 100})
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = tool.summarize(str(path), count=2)
+    assert out["layers"] == 2 and out["ops_per_layer"] == 2
+    assert out["wall_ms"] == pytest.approx(1.0) and out["in_ops_ms"] == pytest.approx(0.3)  # to the next attention
+    assert out["outside_ops_ms"] == pytest.approx(0.7)
+    assert dict(out["top_ops_ms"])["aten::linear"] == pytest.approx(0.2) and "aten::mm" not in dict(out["top_ops_ms"])

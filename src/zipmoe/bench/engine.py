@@ -345,8 +345,9 @@ def run(args) -> dict:
         hook_routers(ref, override)
         measure(ref, override, cfg["vocab_size"], 1, 8, 2, args.seed + 1000, WARMUP_REQUEST)  # as for the others
         for batch, new in batches:
-            m = measure(ref, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed,
-                        first_request=0 if batch == 1 else 1)
+            with torch_profile(args.torch_profile if batch == 1 else None, "transformers-all-on-gpu"):
+                m = measure(ref, override, cfg["vocab_size"], batch, args.prompt_len, new, args.seed,
+                            first_request=0 if batch == 1 else 1)
             m.update(system="transformers-all-on-gpu", budget_frac=1.0)
             result["runs"].append(m)
             print(json.dumps(m), flush=True)
