@@ -226,12 +226,14 @@ def run(args) -> dict:
     if not (hf / "model.safetensors.index.json").exists():
         build_synthetic(args.shape, hf, layers=args.layers, scale=args.scale, workers=args.workers + 1,
                         progress=False)
-    stores = {"zipmoe": work / "store-huffman", "uncompressed-lru": work / "store-raw"}
+    shards = f"-k{args.shards}" if args.shards else ""  # another K is another store (the default K: none)
+    stores = {"zipmoe": work / f"store-huffman{shards}", "uncompressed-lru": work / "store-raw"}
     timings = {}
     for name, coder in (("zipmoe", "huffman"), ("uncompressed-lru", "raw")):
         if not (stores[name] / "zipmoe.json").exists():
             t0 = time.perf_counter()
-            convert(hf, stores[name], coder=coder, workers=args.workers + 1, progress=False)
+            convert(hf, stores[name], coder=coder, workers=args.workers + 1, progress=False,
+                    shards=args.shards if coder == "huffman" else None)
             timings[f"convert_{coder}_s"] = time.perf_counter() - t0
     cfg = json.loads((hf / "config.json").read_text())
     with StoreReader(stores["zipmoe"]) as r:
@@ -243,7 +245,7 @@ def run(args) -> dict:
         per_entry = entry_bytes(numel, r.max_e_region_bytes)
     expert_bf16 = n_entries * numel * 2
     bw = disk_bandwidth(stores["uncompressed-lru"] / "experts.bin")
-    result = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "experts": n_entries,
+    result = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "experts": n_entries, "shards": args.shards,
               "expert_bf16_bytes": expert_bf16, "stored_expert_bytes": stored, "dense_bytes": dense,
               "disk_bytes_per_s": bw, "workers": args.workers, "device": args.device, **timings, "runs": []}
     sampler = RoutingSampler(routing_profile_for(args.shape), n_entries // len(moe_layers),
@@ -363,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="shrink hidden/intermediate sizes (quick runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--shards", type=int, default=None,
+                   help="exponent shards per expert of the compressed store (default: convert's); the last read "
+                        "expert's decode is split K ways, so K above the workers' count shortens no tail")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5],
                    help="expert budgets as fractions of the BF16 expert bytes; >= 1 means everything fits")
     p.add_argument("--systems", nargs="+", default=["zipmoe", "zipmoe-prefetch", "zipmoe-planned", "uncompressed-lru"],
