@@ -1,5 +1,5 @@
 """Host-side view of a torch.profiler timeline (bench/engine.py --torch-profile writes torch-*.json.gz): on the
-thread that launched the most ops, how much of each decode layer's wall time is spent inside ops and how
+thread that ran the attention calls, how much of each decode layer's wall time is spent inside ops and how
 much outside them (Python, waits), per decoder layer and summed over layers.
 
     python scripts/timeline_gaps.py tp/torch-zipmoe-0.25.json.gz tp/torch-transformers-all-on-gpu.json.gz
@@ -24,12 +24,13 @@ import statistics
 
 
 def top_level_ops(path: str) -> list[dict]:
-    """CPU ops of the busiest thread that are not nested inside another op, in time order."""
+    """CPU ops of the thread that ran the attention calls (the model's), not nested in another op, in order."""
     with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
     if not events:
         raise SystemExit(f"{path}: no cpu_op events (was it written by torch.profiler?)")
-    tid = collections.Counter(e["tid"] for e in events).most_common(1)[0][0]
+    attention = collections.Counter(e["tid"] for e in events if "attention" in e["name"])
+    tid = (attention or collections.Counter(e["tid"] for e in events)).most_common(1)[0][0]
     ops, end = [], float("-inf")
     for e in sorted((e for e in events if e["tid"] == tid), key=lambda e: (e["ts"], -e["dur"])):
         if e["ts"] >= end:

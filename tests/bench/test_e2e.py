@@ -356,8 +356,26 @@ def test_the_attention_warm_up_replays_on_a_one_layer_clone(suite: Path, tmp_pat
     assert record["system"] == "attention-warmup" and record["status"] == "complete"
     assert record["groups_covered"] == record["groups"] == {"1": 2, "2": 1}
     (model,) = loaded
-    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
-    full = info["config"]
-    assert model.config.hidden_size == full["hidden_size"]
-    assert model.config.num_attention_heads == full["num_attention_heads"]
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1  # every layer of it: full attention
+    plain = make_system("transformers")._load(setup, Budget(None, None))  # what the full model runs
+    assert model.config._attn_implementation == plain.config._attn_implementation
+    assert model.config._experts_implementation == plain.config._experts_implementation
+    assert model.dtype == plain.dtype and model.generation_config.to_dict() == plain.generation_config.to_dict()
     assert not list(tmp_path.iterdir()), "the scratch run file is removed"
+
+
+def test_the_warm_up_clone_keeps_one_layer_of_each_attention_type() -> None:
+    """A sliding-window layer caps its key length and a full one does not: each type needs its own layer."""
+    from transformers import Qwen2MoeConfig
+
+    from zipmoe.bench.baselines.transformers_ref import one_layer_per_type
+
+    config = Qwen2MoeConfig(num_hidden_layers=5, use_sliding_window=True, max_window_layers=2, sliding_window=64,
+                            mlp_only_layers=[0, 3], layer_types=["full_attention", "full_attention",
+                                                                 "sliding_attention", "sliding_attention",
+                                                                 "full_attention"])
+    clone = one_layer_per_type(config)
+    assert clone.num_hidden_layers == 2 and clone.layer_types == ["full_attention", "sliding_attention"]
+    assert clone.mlp_only_layers == [0]  # kept layers 0 and 2 of the original: only 0 was dense
+    plain = one_layer_per_type(Qwen2MoeConfig(num_hidden_layers=4, layer_types=None))
+    assert plain.num_hidden_layers == 1

@@ -100,11 +100,14 @@ def run_params(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
 def execute_run(spec: dict[str, Any]) -> str:
     """One system × budget: load, warm up, each batch size's batches; returns the run's status."""
     path = Path(spec["run_path"])
-    doc = json.loads(path.read_text()) if path.exists() else {**spec["meta"], "batches": {}}
+    resumed = path.exists()
+    doc = json.loads(path.read_text()) if resumed else {**spec["meta"], "batches": {}}
     system = make_system(spec["system"])
     doc.update(system=system.name, label=system.label + spec.get("sample", ""), status="running")
     command = spec.get("meta", {}).get("command")
-    if command and command not in doc.setdefault("commands", []):  # every call that ran part of it, in order
+    if command:  # every call that ran part of it, in order (a run begun before this list: its first command)
+        if "commands" not in doc:
+            doc["commands"] = [doc["command"]] if resumed and "command" in doc else []
         doc["commands"].append(command)
     if spec.get("warm_process"):  # one record per call that ran part of this run (a resumed run has several)
         doc.setdefault("warm_process", []).append(spec["warm_process"])
@@ -229,7 +232,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
             "commit": info["commit"], "command": "zipmoe bench e2e " + " ".join(args.argv)}
     samples = parse_samples(args.sample, names, args.prompts)
     statuses: dict[str, str] = {}
-    warm, warm_record = args.warm_process != "0", None
+    warm, warm_record = str(args.warm_process) != "0", None
     for name in names:
         system = make_system(name)
         for budget in system.budgets([make_budget(f, info["geometry"]) for f in _budgets(args.budgets)]):
@@ -269,7 +272,7 @@ def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argpa
                   deadline: float, runs_dir: Path, count: int, new_tokens: int | None) -> dict:
     """An untimed, unreported replay of the first system's whole workload (same prompts, batch sizes and
     new tokens) before any measured run, on that system or (--warm-process attention) on AttentionWarmUp's
-    one-layer clone. On CUDA, torch's cuDNN attention builds an execution graph the
+    clone with one decoder layer per layer type. On CUDA, torch's cuDNN attention builds an execution graph the
     first time a thread meets each (batch, query length, key length), about 8 ms per attention call on the
     device: the first system of a process ran 20–40 % slower for its whole run (its gaps between MoE layers
     were 50–85 ms longer per step; scripts/first_engine.py, BENCHMARKS.md fourth session), and the suite's
@@ -279,7 +282,7 @@ def _warm_process(name: str, setup: Any, budget: Any, prompts: dict, args: argpa
     per step outside the MoE layers on its last two prompts). So the returned record (kept in the JSON of
     each run this call then works on) says which groups per batch size it covered and how the replay
     ended, and an incomplete replay is announced."""
-    if args.warm_process == "attention":
+    if str(args.warm_process) == "attention":
         name = "attention-warmup"
     path = runs_dir / "_warm-process.scratch"
     path.unlink(missing_ok=True)  # one left by a killed call would resume, skipping its shapes
@@ -329,8 +332,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one 8-token prefill before measuring")
     p.add_argument("--warm-process", choices=("0", "1", "attention"), default="1",
                    help="replay the workload untimed before any measured run (CUDA attention builds a graph per "
-                        "new shape): 1 on the first system, attention on a one-decoder-layer clone of the model "
-                        "(the same attention shapes in a fraction of the time), 0 not at all")
+                        "new shape): 1 on the first system, attention on a clone of the model with one decoder "
+                        "layer per layer type (the same attention shapes in a fraction of the time), 0 not at all")
     p.add_argument("--experts-implementation", default=None, help="eager | grouped_mm (default: transformers')")
     p.add_argument("--isolation", choices=("auto", "process", "inline"), default="auto",
                    help="auto: child process in a cgroup for page-cache readers when possible")

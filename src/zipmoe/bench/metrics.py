@@ -260,7 +260,8 @@ def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tu
     count as host time. The same gap split by where the code runs: `experts_tail` (our experts forward after
     its last expert: the reference's matmuls and sum), `model_between` (the model's own code from one experts
     forward to the next: shared expert, norms, attention, router) and `experts_head` (our forward before
-    asking: routing sync, slot tables).
+    asking: the next-layer hint, slot tables and the routing sync, so it also holds sync_wait, the device's
+    backlog of the model's own kernels included).
     `disk_busy_share`: share of the decode steps' time with some read in flight, the layers' own and the
     prefetcher's (`prefetch_spans`: perf_counter (start, end, bytes) of each prefetch read); `prefetch_union`
     per step; `read_gb_per_s_in_flight`: the bytes those reads brought in ÷ that busy time, the rate the disk

@@ -239,16 +239,16 @@ def zipmoe_experts_forward(
     if self._zipmoe_resident is not None:
         forward = self._zipmoe_resident[decoding]
         return forward(self, hidden_states, top_k_index, top_k_weights)
-    source = self._zipmoe_source
-    if getattr(source, "trace", None) is None:
-        _hint_next_layer(self, hidden_states)
-        return self._zipmoe_forward[decoding](self, hidden_states, top_k_index, top_k_weights)
     # traced (benchmarks): when this forward was entered and left, which splits the gap between two layers'
     # expert loads into our code around them and the model's own (attention, router, shared expert)
-    source.forward_entered_at = time.perf_counter()
+    source = self._zipmoe_source
+    traced = getattr(source, "trace", None) is not None
+    if traced:
+        source.forward_entered_at = time.perf_counter()
     _hint_next_layer(self, hidden_states)
     out = self._zipmoe_forward[decoding](self, hidden_states, top_k_index, top_k_weights)
-    source.forward_left_at = time.perf_counter()
+    if traced:
+        source.forward_left_at = time.perf_counter()
     return out
 
 

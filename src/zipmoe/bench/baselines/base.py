@@ -135,12 +135,16 @@ class HFSystem:
     def _counters(self) -> dict[str, Any]:
         return {"os_read_bytes": os_read_bytes()}
 
+    def _routing(self, setup: Setup) -> PromptRouting | None:
+        """The calibrated routing every compared system runs (None: the model's own routers)."""
+        return PromptRouting(sampler_for(self.model, setup.routing_profile, setup.seed))
+
     def prepare(self, setup: Setup, budget: Budget) -> None:
         """Load the model under `budget` and hook the calibrated routing into it."""
         self.setup = setup
         self.model = self._load(setup, budget)
-        self.routing = PromptRouting(sampler_for(self.model, setup.routing_profile, setup.seed))
-        self._hooks = hook_routers(self.model, self.routing)
+        self.routing = self._routing(setup)
+        self._hooks = hook_routers(self.model, self.routing) if self.routing is not None else []
         self.probe = StepProbe(self.model, self._counters, cuda=setup.device.startswith("cuda"))
 
     def run(self, prompts: list[Prompt], new_tokens: int, deadline: float | None = None) -> dict[str, Any]:

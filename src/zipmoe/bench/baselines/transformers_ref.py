@@ -7,12 +7,12 @@ implementation (grouped_mm on CUDA), no budget: it runs once, at budget "all". S
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
 
 from zipmoe.bench.baselines.base import Budget, HFSystem, Setup
-from zipmoe.bench.metrics import StepProbe
 
 
 @dataclass
@@ -25,48 +25,54 @@ class TransformersSystem(HFSystem):
         return [Budget(None, None)]
 
     def _load(self, setup: Setup, budget: Budget) -> torch.nn.Module:
-        kwargs: dict = {"dtype": torch.bfloat16}
-        if setup.experts_implementation:
-            kwargs["experts_implementation"] = setup.experts_implementation
-        model = transformers.AutoModelForCausalLM.from_pretrained(setup.hf_dir, **kwargs).to(setup.device)
+        model = transformers.AutoModelForCausalLM.from_pretrained(setup.hf_dir, **_kwargs(setup)).to(setup.device)
         self.info = {"experts_implementation": getattr(model.config, "_experts_implementation", None)}
         return model
 
 
+def _kwargs(setup: Setup) -> dict:
+    kwargs: dict = {"dtype": torch.bfloat16}
+    if setup.experts_implementation:
+        kwargs["experts_implementation"] = setup.experts_implementation
+    return kwargs
+
+
 @dataclass
 class AttentionWarmUp(TransformersSystem):
-    """Not a compared system: plain transformers on a one-decoder-layer clone of the model's config, random
-    weights, on the device. `bench e2e --warm-process attention` replays the workload on it before the
-    measured runs. CUDA's attention graphs are built per (batch, query length, key length) of each
-    attention call, whatever the layer or the weights, so one layer meets every shape the full model will,
-    at a fraction of a replay through an offloading system (~14 ms per step on the device against ~130 ms;
-    the 8 × 64-token batch-1 replay of zipmoe took 118 s). Routing: the clone's own routers."""
+    """Not a compared system: plain transformers on a clone of the model's config cut to one decoder layer
+    per distinct layer type, random weights, on the device. `bench e2e --warm-process attention` replays the
+    workload on it before the measured runs. CUDA's attention graphs are built per (batch, query length, key
+    length) of each attention call, whatever the weights, so the clone meets every shape the full model
+    will (one layer of each type: a sliding-window layer caps its key length, a full one does not), at a
+    fraction of a replay through an offloading system (~14 ms per step on the device against ~130 ms; the
+    8 × 64-token batch-1 replay of zipmoe took 118 s). Routing: the clone's own routers."""
 
     name: str = "attention-warmup"
-    label: str = "one-layer clone (warm-up only)"
+    label: str = "one layer per layer type (warm-up only)"
 
     def _load(self, setup: Setup, budget: Budget) -> torch.nn.Module:
-        config = one_layer_config(transformers.AutoConfig.from_pretrained(setup.hf_dir))
-        kwargs: dict = {"dtype": torch.bfloat16}
-        if setup.experts_implementation:
-            kwargs["experts_implementation"] = setup.experts_implementation
+        config = one_layer_per_type(transformers.AutoConfig.from_pretrained(setup.hf_dir))
         with torch.device(setup.device):
-            model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_config(config, **_kwargs(setup))
+        generation = Path(setup.hf_dir) / "generation_config.json"
+        if generation.exists():  # as models/build.py: its cache settings decide the key lengths
+            model.generation_config = transformers.GenerationConfig.from_pretrained(setup.hf_dir)
         self.info = {"layers": config.num_hidden_layers}
         return model.eval()
 
-    def prepare(self, setup: Setup, budget: Budget) -> None:
-        self.setup = setup
-        self.model = self._load(setup, budget)
-        self.routing = None
-        self.probe = StepProbe(self.model, self._counters, cuda=setup.device.startswith("cuda"))
+    def _routing(self, setup: Setup) -> None:
+        return None
 
 
-def one_layer_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
-    """The same config cut to its first decoder layer (per-layer lists cut with it)."""
-    config.num_hidden_layers = 1
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:1]
+def one_layer_per_type(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """The same config cut to the first decoder layer of each distinct `layer_types` entry (the first layer
+    when it has none); `mlp_only_layers` follows the kept layers."""
+    types = getattr(config, "layer_types", None)
+    kept = [0]
+    if isinstance(types, list) and types:
+        kept = [types.index(t) for t in dict.fromkeys(types)]
+        config.layer_types = [types[i] for i in kept]
+    config.num_hidden_layers = len(kept)
     if isinstance(getattr(config, "mlp_only_layers", None), list):
-        config.mlp_only_layers = [i for i in config.mlp_only_layers if i < 1]
+        config.mlp_only_layers = [new for new, old in enumerate(kept) if old in config.mlp_only_layers]
     return config
