@@ -266,10 +266,10 @@ def _prefetcher_reading_slowly(reader, seconds: float, key):
 
     read = reader.read_sm_into
 
-    def slow(entry, buf):
+    def slow(entry, buf, **kwargs):
         if entry.key == key:
             time.sleep(seconds)
-        return read(entry, buf)
+        return read(entry, buf, **kwargs)
 
     reader.read_sm_into = slow
     pf = Prefetcher(reader, 2, 1 << 20, 1 << 20, pinned=False)
@@ -397,3 +397,51 @@ def test_striped_plane_reads_keep_logits_exact(store, monkeypatch):
     finally:
         unload(model)
     assert not any(t.name.startswith("zipmoe-stripe") for t in threading.enumerate()), "unload left stripe threads"
+
+
+def test_a_prefetch_read_its_layer_does_not_need_stops_at_the_next_part(store, monkeypatch):
+    """A wrong guess in flight when its layer starts must not keep sharing the disk with the layer's reads:
+    it stops at its next part boundary, and its bytes are counted as read and wasted, not hidden."""
+    import time
+
+    from zipmoe.engine.prefetch import Prefetcher
+
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: time.sleep(0.2) or real(fd, bufs, at))  # 0.2 s a part
+    with StoreReader(store) as reader:
+        a, other = ExpertKey(1, 5), ExpertKey(1, 6)
+        entry = reader.entries[a]
+        assert entry.sm.length > ALIGN, "the SM plane must take more than one part"
+        pf = Prefetcher(reader, 2, 1 << 20, 1 << 20, pinned=False, part=ALIGN)
+        try:
+            pf.hint(a.layer, [a])
+            pf.disk_free()
+            time.sleep(0.1)  # its first part is in flight
+            assert pf.collect(1, [other]) == {}
+            time.sleep(0.4)  # the part ends, the thread sees the layer went on without it
+            c = pf.counters
+            assert (c.read, c.discarded) == (0, 1)
+            assert c.bytes_read == c.wasted_bytes == ALIGN, "stopped after its first part, every byte counted"
+        finally:
+            pf.close()
+
+
+def test_read_direct_into_in_parts_reads_the_same_bytes_and_stops_between_parts(store):
+    from zipmoe.store.aligned import ReadStopped, aligned_buffer, read_direct_into
+
+    data = (store / "experts.bin").read_bytes()
+    fd = os.open(store / "experts.bin", os.O_RDONLY)
+    try:
+        offset, length = 1000, min(len(data) - 1000, 5 * ALIGN + 17)
+        whole = read_direct_into(fd, offset, length, aligned_buffer(8 * ALIGN)).tobytes()
+        parts = read_direct_into(fd, offset, length, aligned_buffer(8 * ALIGN), part=ALIGN).tobytes()
+        assert whole == parts == data[offset : offset + length]
+        asked = []
+        with pytest.raises(ReadStopped) as stopped:
+            read_direct_into(fd, offset, length, aligned_buffer(8 * ALIGN), part=2 * ALIGN,
+                             stop=lambda: asked.append(1) or len(asked) == 2)
+        assert stopped.value.bytes_read == 4 * ALIGN and len(asked) == 2  # not asked before the first part
+        with pytest.raises(ValueError, match="multiples of 4096"):
+            read_direct_into(fd, offset, length, aligned_buffer(8 * ALIGN), part=1000)
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -77,11 +78,23 @@ def _direct_read_works(fd: int) -> bool:
     return True
 
 
-def read_direct_into(fd: int, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
+class ReadStopped(Exception):
+    """read_direct_into gave up between two parts because its `stop()` said so (the bytes are incomplete)."""
+
+    def __init__(self, message: str, bytes_read: int):
+        super().__init__(message)
+        self.bytes_read = bytes_read  # what the disk delivered before the stop
+
+
+def read_direct_into(fd: int, offset: int, length: int, buf: np.ndarray, *, part: int | None = None,
+                     stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Read [offset, offset+length) into buf with 4096-aligned I/O; return the view of exactly those bytes.
 
     buf must be a 1-D uint8 array from aligned_buffer (or other page-aligned memory) of at least
     span_bytes(offset, length). Raises EOFError if the file ends before offset+length.
+    part: read at most this many bytes (a multiple of 4096) per call, asking `stop()` before each call after
+    the first; ReadStopped when it answers True. A read that may turn out unwanted (prefetch) then costs at
+    most one part of disk time after it is called off.
     """
     start = offset - offset % ALIGN
     span = align_up(offset + length) - start
@@ -90,11 +103,16 @@ def read_direct_into(fd: int, offset: int, length: int, buf: np.ndarray) -> np.n
             f"read of {length} bytes at {offset} needs a contiguous uint8 buffer of {span} bytes, "
             f"got {buf.dtype} {buf.shape}"
         )
+    if part is not None and (part <= 0 or part % ALIGN):
+        raise ValueError(f"read parts must be positive multiples of {ALIGN} bytes, got {part}")
     view = buf[:span]
     got = 0
     while got < span:
+        if got and stop is not None and stop():
+            raise ReadStopped(f"read of {length} bytes at {offset} stopped after {got}", got)
+        end = span if part is None else min(span, got + part)
         try:
-            n = os.preadv(fd, [memoryview(view[got:])], start + got)
+            n = os.preadv(fd, [memoryview(view[got:end])], start + got)
         except OSError as exc:
             if exc.errno == errno.EINVAL and buf.ctypes.data % ALIGN:
                 raise ValueError(

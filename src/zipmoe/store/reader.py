@@ -115,26 +115,30 @@ class StoreReader:
             original=sum(e.numel * DTYPE_SIZES[e.tensors[0].dtype] for e in self.entries.values()),
         )
 
-    def read_sm_into(self, entry: ExpertEntry, buf: np.ndarray) -> np.ndarray:
+    def read_sm_into(self, entry: ExpertEntry, buf: np.ndarray, *, part: int | None = None,
+                     stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Read and verify the SM plane (raw experts: their bytes) into buf; returns the view of it.
 
-        buf: page-aligned uint8 (aligned_buffer) of at least max_sm_bytes.
+        buf: page-aligned uint8 (aligned_buffer) of at least max_sm_bytes. part/stop: read in parts and
+        raise ReadStopped when stop() says so between two (aligned.read_direct_into; never striped).
         """
         plane = "SM plane" if entry.mode == "split" else "raw data"
-        view = self._read(entry, plane, entry.sm.offset, entry.sm.length, buf)
+        view = self._read(entry, plane, entry.sm.offset, entry.sm.length, buf, part, stop)
         _verify_chunk(entry, plane, entry.sm, view)
         return view
 
-    def read_e_into(self, entry: ExpertEntry, buf: np.ndarray, verify: bool = True) -> list[np.ndarray]:
+    def read_e_into(self, entry: ExpertEntry, buf: np.ndarray, verify: bool = True, *, part: int | None = None,
+                    stop: Callable[[], bool] | None = None) -> list[np.ndarray]:
         """Read all K E-shards of an expert with one read of its E region; one view per shard.
 
         buf: page-aligned uint8 of at least max_e_region_bytes. Raw experts have no shards: [].
         verify=False leaves the checks to the caller, who must call verify_shard(entry, i, view) on
         each shard before decoding it (the engine does so on its decode workers, off the I/O thread).
+        part/stop: as for read_sm_into.
         """
         if not entry.e_shards:
             return []
-        region = self._read(entry, "E region", entry.e_offset, entry.e_length, buf)
+        region = self._read(entry, "E region", entry.e_offset, entry.e_length, buf, part, stop)
         views, at = [], 0
         for i, chunk in enumerate(entry.e_shards):
             view = region[at : at + chunk.length]
@@ -149,13 +153,14 @@ class StoreReader:
         """Check one E-shard read with read_e_into(verify=False); raises ChecksumError naming it."""
         _verify_chunk(entry, f"E-shard {shard}", entry.e_shards[shard], view)
 
-    def _read(self, entry: ExpertEntry, plane: str, offset: int, length: int, buf: np.ndarray) -> np.ndarray:
+    def _read(self, entry: ExpertEntry, plane: str, offset: int, length: int, buf: np.ndarray,
+              part: int | None = None, stop: Callable[[], bool] | None = None) -> np.ndarray:
         if not self._closer.alive:
             raise ZipMoEError(f"store {self.path} is closed")
         try:
-            if self._striped is not None:
+            if self._striped is not None and part is None and stop is None:
                 return self._striped.read_into(self._fd, offset, length, buf)
-            return read_direct_into(self._fd, offset, length, buf)
+            return read_direct_into(self._fd, offset, length, buf, part=part, stop=stop)
         except RuntimeError:  # the stripe pool was shut down by a close() racing this read
             raise ZipMoEError(f"store {self.path} is closed") from None
         except EOFError as exc:
