@@ -27,14 +27,15 @@ def converted(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reference", ["grouped_mm", "eager"])
-def test_logits_and_tokens_equal_transformers(converted, reference, device):
+@pytest.mark.parametrize(("reference", "late_merge"), [("grouped_mm", False), ("eager", False), ("grouped_mm", True)])
+def test_logits_and_tokens_equal_transformers(converted, reference, late_merge, device):
+    """late_merge: the workers decode exponents only and the compute device merges (engine/late_merge.py)."""
     ckpt, store = converted
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation=reference).to(device)
     for name, budget in budgets(store).items():
         # "all" preloads every expert at load (the default when they all fit); the others start cold
         model = load(store, device=device, memory_budget=budget, experts_implementation=reference, workers=2,
-                     preload=None if name == "all" else False)
+                     preload=None if name == "all" else False, late_merge=late_merge)
         try:
             for batch in (1, 4):
                 ids, mask = (t.to(device) for t in padded_inputs(batch))

@@ -50,6 +50,8 @@ from zipmoe.types import State
 SYSTEMS: dict[str, dict] = {
     "zipmoe": {},
     "zipmoe-prefetch": {"prefetch": True},
+    "zipmoe-late-merge": {"late_merge": True},  # workers decode exponents only; the GPU merges (engine/late_merge.py)
+    "zipmoe-late-merge-prefetch": {"late_merge": True, "prefetch": True},
     "zipmoe-4pools": {"pool_split": (0.25, 0.25, 0.25, 0.25)},  # the paper's "+ four pools" row: F/C/S/E, no planning
     "zipmoe-planned": {"planning": True},
     "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from zipmoe.cache import ExpertCache
+from zipmoe.cache.staging import staging_nbytes
 from zipmoe.codec.coders.base import ExponentCoder
 from zipmoe.engine.gil import restore_switch_interval, shorten_switch_interval
+from zipmoe.engine.late_merge import TorchMerge
 from zipmoe.engine.metrics import EngineStats, log
 from zipmoe.engine.planning import PlannedPools
 from zipmoe.engine.prefetch import Prefetcher
@@ -32,11 +34,13 @@ from zipmoe.store.format import ExpertEntry
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import ExpertKey, State
 
-# Every load decodes fused: each of the K shard jobs decodes its exponents and merges them with its
-# slice of the SM plane in one pass (CostModel.task(fused=True): no merge step is planned). For E and
+# By default every load decodes fused: each of the K shard jobs decodes its exponents and merges them with
+# its slice of the SM plane in one pass (CostModel.task(fused=True): no merge step is planned). For E and
 # MISS the plan makes the shards wait for the SM read too (scheduler/model.py), which leaves a K-way
 # parallel tail after the last read instead of one worker merging the whole expert (~2.6 ms for a
-# Qwen1.5-MoE expert on the device).
+# Qwen1.5-MoE expert on the device). late_merge=True instead: the shards decode exponents only, without
+# waiting for the SM read, and the compute thread merges both planes on the compute device when the expert
+# is ready (engine/late_merge.py): the tail after a layer's last read is then a few elementwise kernels.
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +92,8 @@ class LayerTrace:
 class _Load:
     """Buffers and progress of one expert being loaded in the current wave (compute-thread owned)."""
 
-    __slots__ = ("e_buf", "entry", "keep_e", "keep_sm", "key", "out", "out_u16", "prefetched", "shards", "slot",
-                 "sm", "sm_buf", "state", "unverified")
+    __slots__ = ("e_buf", "entry", "exp", "keep_e", "keep_sm", "key", "out", "out_u16", "prefetched", "shards",
+                 "slot", "sm", "sm_buf", "state", "unverified")
 
     def __init__(self, key: ExpertKey, state: State, entry: ExpertEntry):
         self.key, self.state, self.entry = key, state, entry
@@ -103,6 +107,7 @@ class _Load:
         self.sm_buf: np.ndarray | None = None  # where a SM read lands
         self.e_buf: np.ndarray | None = None  # where an E read lands
         self.out_u16: np.ndarray | None = None  # merged BF16 bits [N] on the host
+        self.exp: np.ndarray | None = None  # late merge: decoded exponent plane [N] on the host
         self.out: torch.Tensor | None = None  # merged BF16 [N] on the compute device
 
 
@@ -127,12 +132,15 @@ class LayerOps:
         if load.unverified:  # K checks run on the workers in parallel; the I/O thread only reads
             StoreReader.verify_shard(load.entry, shard, load.shards[shard])
         coder = self._engine.coder
-        if load.keep_sm is not None:
+        if load.keep_sm is not None:  # only prefetched loads keep planes this way: their SM plane is in
             load.keep_sm[lo:hi] = load.sm[lo:hi]
         if load.keep_e is not None:
             at = load.entry.e_shards[shard].offset - load.entry.e_offset
             load.keep_e[at : at + load.shards[shard].size] = load.shards[shard]
-        coder.decode_merge_into(load.shards[shard], load.sm[lo:hi], load.out_u16[lo:hi])
+        if load.exp is not None:  # late merge: exponents only; the SM plane may still be on its way
+            coder.decode_into(load.shards[shard], load.exp[lo:hi])
+        else:
+            coder.decode_merge_into(load.shards[shard], load.sm[lo:hi], load.out_u16[lo:hi])
 
     def merge(self, key: ExpertKey) -> None:
         raise AssertionError(f"{key}: a merge step was planned, but every load decodes fused (merge_s = 0)")
@@ -145,7 +153,7 @@ class Engine:
         self, reader: StoreReader, cache: ExpertCache, executor: Executor, coder: ExponentCoder,
         costs: CostModel, device: torch.device, shapes: ExpertShapes, staging_slots: int,
         read_bytes_per_s: float | None = None, pools: PlannedPools | None = None,
-        prefetcher: Prefetcher | None = None,
+        prefetcher: Prefetcher | None = None, late_merge: bool = False,
     ):
         self.reader, self.cache, self.executor, self.coder = reader, cache, executor, coder
         self.costs, self.device, self.shapes = costs, device, shapes
@@ -158,14 +166,19 @@ class Engine:
         self.read_bytes_per_s = read_bytes_per_s  # optional cap emulating a slower disk
         self._io_free_at = 0.0  # when the capped channel may start its next read
         self._io_lock = threading.Lock()  # the I/O threads' shared counters and cap clock
-        self.staging = cache.staging(staging_slots, exp=False)  # every load decodes fused: no exponent planes
+        self.late_merge = late_merge
+        self.staging = cache.staging(staging_slots, exp=late_merge)  # fused loads need no exponent planes
         self._cuda = device.type == "cuda"
-        # CUDA: workers merge into pinned host BF16, the compute thread copies it to the device.
+        self._merge: TorchMerge | None = None
+        if late_merge:  # its scratch planes on the compute device
+            cache.budget.reserve("staging.late_merge", TorchMerge.SCRATCH_PLANES * cache.numel)
+            self._merge = TorchMerge(cache.numel, device)
+        # CUDA, fused: workers merge into pinned host BF16, the compute thread copies it to the device.
         # Per slot, made once (no allocation per expert): the pinned row the H2D copy reads, and its
         # uint16 view that the decode workers merge into.
         self._host_rows: tuple[torch.Tensor, ...] = ()
         self._host_u16: list[np.ndarray] = []
-        if self._cuda:
+        if self._cuda and not late_merge:
             cache.budget.reserve("staging.host_bf16", staging_slots * cache.numel * 2)
             host_out = torch.empty((staging_slots, cache.numel), dtype=torch.int16, pin_memory=True)
             self._host_rows = host_out.unbind(0)
@@ -179,6 +192,15 @@ class Engine:
         self.forward_entered_at: float | None = None  # set by models/compute while tracing (LayerTrace)
         self.forward_left_at: float | None = None
         shorten_switch_interval()  # the loader threads hand results on without waiting 5 ms for the GIL
+
+    @staticmethod
+    def staging_bytes(slots: int, numel: int, sm_stride: int, e_stride: int, cuda: bool, late_merge: bool) -> int:
+        """Bytes of the budget an engine's staging takes (what __init__ reserves): read buffers and outputs per
+        slot, plus exponent planes and TorchMerge's scratch with late_merge, or pinned BF16 rows on CUDA."""
+        nbytes = staging_nbytes(slots, numel, sm_stride, e_stride, exp=late_merge)
+        if late_merge:
+            return nbytes + TorchMerge.SCRATCH_PLANES * numel
+        return nbytes + (slots * 2 * numel if cuda else 0)
 
     # ---- ExpertSource ----
 
@@ -241,7 +263,7 @@ class Engine:
                 slot += 1
         tasks = [
             self.costs.task(ld.key, ld.state, ld.entry.sm.length, ld.entry.e_length, ld.entry.numel,
-                            len(ld.entry.e_shards), fused=True)
+                            len(ld.entry.e_shards), fused=not self.late_merge, late_merge=self.late_merge)
             for ld in wave
         ]
         plan = schedule(tasks, self.executor.workers, exact_times=False)
@@ -264,7 +286,12 @@ class Engine:
         else:
             load.e_buf = t.e if t.e is not None else st.e.views[slot]
         load.slot = slot
-        if self._cuda:
+        if self.late_merge:  # workers write exponents here; TorchMerge writes the expert into `out`
+            if self._cuda:
+                self._copied[slot].synchronize()  # the previous wave's H2D from this slot's planes is done
+            load.exp = st.exp.views[slot][: load.entry.numel]
+            load.out = t.full if t.full is not None else st.full.views[slot]
+        elif self._cuda:
             self._copied[slot].synchronize()  # the previous wave's H2D from this slot is done
             load.out_u16 = self._host_u16[slot]
             load.out = t.full if t.full is not None else st.full.views[slot]
@@ -323,7 +350,11 @@ class Engine:
         """Weights are merged: move them to the device (CUDA) and make admitted slots visible."""
         if load.state is State.F:
             return
-        if self._cuda:
+        if self._merge is not None:
+            self._merge(torch.from_numpy(load.sm), torch.from_numpy(load.exp), load.out)
+            if self._cuda:
+                self._copied[load.slot].record()
+        elif self._cuda:
             slot = load.slot
             load.out.view(torch.int16).copy_(self._host_rows[slot], non_blocking=True)
             self._copied[slot].record()
@@ -409,7 +440,10 @@ class Engine:
         st = self.staging
         load.sm = self.reader.read_sm_into(entry, st.sm.views[0])
         load.shards = self.reader.read_e_into(entry, st.e.views[0])
-        load.out_u16 = self._host_u16[0] if self._cuda else st.full.u16[0]
+        if self.late_merge:
+            load.exp = st.exp.views[0][: entry.numel]
+        else:
+            load.out_u16 = self._host_u16[0] if self._cuda else st.full.u16[0]
         ops = LayerOps(self, {entry.key: load})
         for shard in range(len(entry.e_shards)):
             ops.decode_shard(entry.key, shard)
@@ -433,8 +467,12 @@ class Engine:
             self.pools.close()
         if self._cuda:
             torch.cuda.synchronize(self.device)
+        if self._cuda and not self.late_merge:
             self._host_rows, self._host_u16 = (), []  # the pinned staging goes with its last view
             self.cache.budget.release("staging.host_bf16")
+        if self._merge is not None:
+            self._merge = None
+            self.cache.budget.release("staging.late_merge")
         self.cache.release_staging(self.staging)
         self.cache.close()
         self.reader.close()

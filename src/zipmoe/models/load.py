@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from zipmoe.cache import ExpertCache, MemoryBudget, entry_bytes, uniform_numel
-from zipmoe.cache.staging import staging_nbytes
 from zipmoe.codec.coders import get_coder
 from zipmoe.config import format_size
 from zipmoe.engine.engine import Engine, ExpertShapes
@@ -73,6 +72,7 @@ def load(
     planning: bool = False,
     plan_batch: int = 1,
     prefetch: bool = False,
+    late_merge: bool = False,
     preload: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> torch.nn.Module:
@@ -98,7 +98,10 @@ def load(
     together that the plan is made for (a server's batch size; the pools are sized for the union of that
     many requests' experts per layer call); only with planning=True. prefetch: read the
     next MoE layer's predicted experts (its router applied to this layer's hidden states) while the
-    disk would idle; outputs are unchanged, the read-ahead slots come out of the budget. preload:
+    disk would idle; outputs are unchanged, the read-ahead slots come out of the budget. late_merge: the
+    decode workers write exponents only, without waiting for an expert's SM read, and the compute device
+    merges the two planes when both are in (engine/late_merge.py); off by default until measured on a GPU,
+    the same bits either way. preload:
     read every expert at load (None = when the budget holds every expert decoded, as plain
     from_pretrained would). progress: called as progress(stage, done, total) when each loading stage
     starts and once more at the end with done == total, for a progress bar; None (default) = silent.
@@ -114,7 +117,7 @@ def load(
         reader = StoreReader(store, direct_io=direct_io, read_stripes=read_stripes, readers=io_threads + 1)
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
                      experts_implementation, read_bytes_per_s, costs, capacities, planning, plan_batch, prefetch,
-                     preload, progress=_Stages(progress))
+                     late_merge, preload, progress=_Stages(progress))
     except BaseException:
         if reader is not None:
             reader.close()
@@ -123,7 +126,8 @@ def load(
 
 
 def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots, experts_implementation,
-          read_bytes_per_s, costs, capacities, planning, plan_batch, prefetch, preload, progress: _Stages):
+          read_bytes_per_s, costs, capacities, planning, plan_batch, prefetch, late_merge, preload,
+          progress: _Stages):
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
@@ -150,8 +154,8 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     top_k = adapter.top_k(reader.config) if per_module else _top_k(reader.config)
     slots = staging_slots or max(1, min(n_experts, 2 * top_k))
     per_entry = entry_bytes(numel, e_slot)
-    staging = staging_nbytes(slots, numel, per_entry[State.S], per_entry[State.E], exp=False)
-    staging += slots * 2 * numel if device.type == "cuda" else 0  # pinned host BF16 for the H2D copy
+    staging = Engine.staging_bytes(slots, numel, per_entry[State.S], per_entry[State.E], device.type == "cuda",
+                                   late_merge)
     prefetch_bytes = Prefetcher.nbytes(top_k, per_entry[State.S], per_entry[State.E]) if prefetch else 0
     if memory_budget is None:  # room for every expert decoded (and the read-ahead slots)
         budget = MemoryBudget(dense_bytes + staging + prefetch_bytes + len(entries) * per_entry[State.F])
@@ -179,7 +183,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
         prefetcher = Prefetcher(reader, top_k, per_entry[State.S], per_entry[State.E],
                                 pinned=device.type == "cuda") if prefetch else None
         engine = Engine(reader, cache, executor, coder, costs, device, shapes, slots, read_bytes_per_s, pools,
-                        prefetcher)
+                        prefetcher, late_merge=late_merge)
     except BaseException:  # nothing may keep running (threads) or held (slabs) after a failed load
         for part in (executor, prefetcher, cache):
             if part is not None:

@@ -54,6 +54,8 @@ class _Run:
         for s in plan.decode_queue:
             if s.shard == MERGE:
                 self.has_merge[self.index[s.key]] = True
+        # a shard waits for the SM plane only when it merges in place (no merge step, no late merge)
+        self.shard_needs_sm = [not m and not t.late_merge for m, t in zip(self.has_merge, plan.tasks, strict=True)]
         self.error: tuple[BaseException, ExpertKey, str] | None = None
         self.stopped = False  # no op may start (failure or cancellation)
         self.io_next = 0  # next io_queue step to claim (the I/O threads take steps in order)
@@ -65,8 +67,8 @@ class _Run:
         self.dec_end, self.ready, self.delivered = [nan] * n, [nan] * n, [nan] * n
 
     def begin(self, e: int, need_e: bool) -> bool:
-        """Wait until the step's inputs are in (a shard: E, and SM when its expert has no merge step, i.e.
-        the shard merges in place; a merge: all shards + SM); False if stopped."""
+        """Wait until the step's inputs are in (a shard: E, and SM when its expert has no merge step and no
+        late merge, i.e. the shard merges in place; a merge: all shards + SM); False if stopped."""
         with self.cond:
             while not self.stopped and not (self.shard_inputs_in(e) if need_e else self.inputs_in(e)):
                 self.cond.wait()
@@ -79,7 +81,7 @@ class _Run:
         return self.shards_left[e] == 0 and self.sm_left[e] == 0
 
     def shard_inputs_in(self, e: int) -> bool:
-        return self.e_in[e] and (self.has_merge[e] or self.sm_left[e] == 0)
+        return self.e_in[e] and (not self.shard_needs_sm[e] or self.sm_left[e] == 0)
 
     def mark_ready(self, e: int, now: float) -> None:
         """Caller holds the lock."""

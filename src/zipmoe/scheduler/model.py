@@ -9,7 +9,8 @@ edges contracted, and they need no resource — this keeps float rounding out of
     read_sm (IO, E/MISS) ─────────────────────────────────────────────▲
 
 A task without a merge job (merge_s = 0: each shard decodes and merges in place) that reads its SM
-plane has read_sm as a predecessor of every shard job instead (fused: the shards need the SM bytes).
+plane has read_sm as a predecessor of every shard job instead (fused: the shards need the SM bytes),
+unless it merges late (late_merge: the shards decode exponents only; compute follows shards and read_sm).
 E/C shards have no predecessor (Type-II work). F experts have only the compute job. Different experts
 are independent. The makespan is the largest completion time. Any start times that respect these
 edges and the capacities are a feasible schedule; `exact.brute_force_optimum` is the optimum over
@@ -78,8 +79,8 @@ def build_jobs(tasks: Sequence[ExpertTask]) -> list[Job]:
         if t.decodes:
             after_e = add(j, Kind.READ_E, t.read_e_s, ())
             sm = add(j, Kind.READ_SM, t.read_sm_s, ())
-            # fused (no merge job): each shard merges in place, so it needs the SM plane too
-            shard_preds = tuple(sorted(set(after_e + sm))) if t.merge_s <= tiny else after_e
+            # fused (no merge job, no late merge): each shard merges in place, so it needs the SM plane too
+            shard_preds = tuple(sorted(set(after_e + sm))) if t.merge_s <= tiny and not t.late_merge else after_e
             shards: tuple[int, ...] = ()
             for i in range(t.k):
                 shards += add(j, Kind.SHARD, t.decode_s / t.k, shard_preds, i)

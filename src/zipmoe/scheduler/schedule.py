@@ -180,8 +180,8 @@ def schedule(tasks: Sequence[ExpertTask], workers: int, effort: int = 64, exact_
         raise ZipMoEError(f"workers must be >= 1, got {workers}")
     if len({t.key for t in tasks}) != len(tasks):
         raise ZipMoEError("tasks name the same expert twice; give each needed expert once")
-    sig = [(t.state, t.read_sm_s, t.read_e_s, t.decode_s, t.merge_s, t.compute_s, t.k) for t in tasks]
-    rounded = [(s[0], *map(_rounded, s[1:6]), s[6]) for s in sig]
+    sig = [(t.state, t.read_sm_s, t.read_e_s, t.decode_s, t.merge_s, t.compute_s, t.k, t.late_merge) for t in tasks]
+    rounded = [(s[0], *map(_rounded, s[1:6]), *s[6:]) for s in sig]
     perm = sorted(range(len(tasks)), key=lambda e: (rounded[e], sig[e]))
     memo_key = (workers, effort, tuple(rounded[e] for e in perm))
     exact = tuple(sig[e] for e in perm)

@@ -44,6 +44,8 @@ class ExpertTask:
     merge_s: float  # s of one worker to merge SM + E into BF16 (0 when decode_shard merges in place)
     compute_s: float  # s of the compute stream for this expert's FFN
     k: int  # exponent shards = parallel decode jobs (>= 1 unless state is F)
+    late_merge: bool = False  # shards decode exponents only (they need no SM plane) and the compute side
+    #                           merges once shards and SM are in: an E/MISS expert decodes during its SM read
 
     def __post_init__(self) -> None:
         times = (self.read_sm_s, self.read_e_s, self.decode_s, self.merge_s, self.compute_s)
@@ -56,6 +58,13 @@ class ExpertTask:
             raise ZipMoEError(f"task for {self.key}: state {self.state.name} reads no such plane from disk")
         if self.state == State.F and (self.decode_s or self.merge_s):
             raise ZipMoEError(f"task for {self.key}: an F expert is already decoded")
+        if self.late_merge and self.merge_s:
+            raise ZipMoEError(f"task for {self.key}: a late merge runs on the compute side, not as a merge job")
+
+    @property
+    def shards_need_sm(self) -> bool:
+        """Each shard merges in place (no merge job, no late merge), so it waits for the SM plane too."""
+        return self.merge_s == 0 and not self.late_merge
 
     @property
     def reads_sm(self) -> bool:
@@ -89,11 +98,13 @@ class CostModel:
             raise ZipMoEError(f"cost model needs positive rates and non-negative times, got {self}")
 
     def task(self, key: ExpertKey, state: State, sm_bytes: int, e_bytes: int, numel: int, k: int,
-             fused: bool = False) -> ExpertTask:
+             fused: bool = False, late_merge: bool = False) -> ExpertTask:
         """Price one expert held in `state`; sm_bytes/e_bytes are stored plane sizes, numel its weights.
 
         fused=True: decode_shard merges in place (SM already in memory), so merge_s = 0, the plan has no
-        merge step and the expert is ready when its last shard lands.
+        merge step and the expert is ready when its last shard lands. late_merge=True: no merge job either,
+        the shards decode exponents only and the expert is ready when they and its SM plane are in (the
+        merge is the compute side's, priced as nothing: a few elementwise kernels on a GPU).
         """
         read_sm = self.disk_latency_s + sm_bytes / self.disk_bytes_per_s if state in (State.E, State.MISS) else 0.0
         read_e = self.disk_latency_s + e_bytes / self.disk_bytes_per_s if state in (State.S, State.MISS) else 0.0
@@ -104,9 +115,10 @@ class CostModel:
             read_sm_s=read_sm,
             read_e_s=read_e,
             decode_s=numel / self.decode_bytes_per_s if decoded else 0.0,
-            merge_s=2 * numel / self.merge_bytes_per_s if decoded and not fused else 0.0,
+            merge_s=2 * numel / self.merge_bytes_per_s if decoded and not (fused or late_merge) else 0.0,
             compute_s=self.compute_s,
             k=k if decoded else 0,
+            late_merge=late_merge and decoded,
         )
 
 
