@@ -184,6 +184,7 @@ class Engine:
             self._host_rows = host_out.unbind(0)
             self._host_u16 = [row.view(np.uint16) for row in host_out.numpy()]
         self._copied = [torch.cuda.Event() for _ in range(staging_slots)] if self._cuda else []
+        self._merge_done = torch.cuda.Event() if self._cuda and late_merge else None  # the last late merge's copies
         self._closed = False
         self.resident = False  # set by load(): the model runs its own kernels on the F pool (no hits counted)
         self.on_close: list[Callable[[], None]] = []  # run first by close() (load: drop resident weights)
@@ -209,6 +210,8 @@ class Engine:
         """Yield (expert, gate_up [2I,H], down [H,I]) for each needed expert as soon as it is ready;
         `tokens` (routed to each) weigh the access for the eviction policy."""
         t_layer = time.perf_counter()
+        if self._merge_done is not None:  # the last layer's late merges read cache slots this layer may refill
+            self._merge_done.synchronize()
         keys = [ExpertKey(layer, e) for e in needed]
         if self.pools is not None:
             self.pools.observe(layer, needed)
@@ -352,8 +355,9 @@ class Engine:
             return
         if self._merge is not None:
             self._merge(torch.from_numpy(load.sm), torch.from_numpy(load.exp), load.out)
-            if self._cuda:
+            if self._merge_done is not None:  # its H2D copies read host planes: staging (per slot) and cache slots
                 self._copied[load.slot].record()
+                self._merge_done.record()
         elif self._cuda:
             slot = load.slot
             load.out.view(torch.int16).copy_(self._host_rows[slot], non_blocking=True)
