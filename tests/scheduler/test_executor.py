@@ -257,3 +257,42 @@ def test_two_io_threads_keep_a_second_read_in_flight_and_claim_in_order() -> Non
     want = [("read_e" if s.plane.name == "E" else "read_sm", s.key) for s in plan.io_queue]
     assert sorted(ops.started) == sorted(want) and len(ops.started) == len(want)
     assert ops.started[0] == want[0]
+
+
+class _SmWaitsForAShard:
+    """LayerOps whose SM read ends only once a shard of the same expert has been decoded (or after 0.5 s)."""
+
+    def __init__(self):
+        self.shard_done = threading.Event()
+        self.sm_done = threading.Event()
+        self.shards_before_sm = False
+
+    def read_e(self, key):
+        pass
+
+    def read_sm(self, key):
+        self.shards_before_sm = self.shard_done.wait(0.5)
+        self.sm_done.set()
+
+    def decode_shard(self, key, shard):
+        self.shard_done.set()
+
+    def merge(self, key):
+        raise AssertionError("no merge step is planned for these tasks")
+
+
+@pytest.mark.parametrize("late_merge", [False, True])
+def test_late_merged_shards_decode_while_the_sm_plane_is_read(late_merge):
+    """late_merge: a MISS expert's shards need only its E shards, so they run during its SM read; it is
+    handed over only when both are done. Fused, the shards wait for the SM read."""
+    costs = CostModel(disk_bytes_per_s=1e9, disk_latency_s=0.0, decode_bytes_per_s=1e9, merge_bytes_per_s=1e9,
+                      compute_s=1e-4)
+    key = ExpertKey(0, 0)
+    task = costs.task(key, State.MISS, 1000, 300, 1000, 2, fused=not late_merge, late_merge=late_merge)
+    plan = schedule([task], 2, exact_times=False)
+    ops = _SmWaitsForAShard()
+    with Executor(2, io_threads=1) as ex, ex.run(plan, ops) as run:
+        got = list(run)
+        assert ops.sm_done.is_set(), "handed over before its SM read finished"
+    assert got == [key]
+    assert ops.shards_before_sm is late_merge

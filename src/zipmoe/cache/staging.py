@@ -20,7 +20,7 @@ class Staging:
 
     sm.views[i]   host uint8 [sm_stride]: SM plane read from disk (page-aligned, pinned on CUDA)
     e.views[i]    host uint8 [e_stride]: compressed exponent region read from disk
-    exp.views[i]  host uint8 [sm_stride]: decoded exponent plane, for merging on a GPU (None on CPU)
+    exp.views[i]  host uint8 [sm_stride]: decoded exponent plane for a late merge (None when loads decode fused)
     full.views[i] device bf16 [numel]: merged expert to compute with; on CPU full.u16[i] is its uint16 view
     """
 

@@ -39,4 +39,3 @@ def merge_into(sm: np.ndarray, exp: np.ndarray, out_u16: np.ndarray) -> None:
     if not (sm.size == exp.size == out_u16.size):
         raise CodecError(f"plane sizes differ: sm {sm.size}, exp {exp.size}, out {out_u16.size}")
     merge_range(sm, exp, out_u16, 0, sm.size)
-

@@ -132,7 +132,8 @@ class LayerOps:
         if load.unverified:  # K checks run on the workers in parallel; the I/O thread only reads
             StoreReader.verify_shard(load.entry, shard, load.shards[shard])
         coder = self._engine.coder
-        if load.keep_sm is not None:  # only prefetched loads keep planes this way: their SM plane is in
+        if load.keep_sm is not None:  # only prefetched loads keep planes this way, and their SM plane is in
+            assert load.prefetched is not None, "keep_sm on a load whose SM read may still be running"
             load.keep_sm[lo:hi] = load.sm[lo:hi]
         if load.keep_e is not None:
             at = load.entry.e_shards[shard].offset - load.entry.e_offset
@@ -143,7 +144,7 @@ class LayerOps:
             coder.decode_merge_into(load.shards[shard], load.sm[lo:hi], load.out_u16[lo:hi])
 
     def merge(self, key: ExpertKey) -> None:
-        raise AssertionError(f"{key}: a merge step was planned, but every load decodes fused (merge_s = 0)")
+        raise AssertionError(f"{key}: a merge step was planned, but loads decode fused or merge late (merge_s = 0)")
 
 
 class Engine:
@@ -172,7 +173,12 @@ class Engine:
         self._merge: TorchMerge | None = None
         if late_merge:  # its scratch planes on the compute device
             cache.budget.reserve("staging.late_merge", TorchMerge.SCRATCH_PLANES * cache.numel)
-            self._merge = TorchMerge(cache.numel, device)
+            try:
+                self._merge = TorchMerge(cache.numel, device)
+            except BaseException:
+                cache.budget.release("staging.late_merge")
+                cache.release_staging(self.staging)
+                raise
         # CUDA, fused: workers merge into pinned host BF16, the compute thread copies it to the device.
         # Per slot, made once (no allocation per expert): the pinned row the H2D copy reads, and its
         # uint16 view that the decode workers merge into.
@@ -306,7 +312,8 @@ class Engine:
     def _bind_prefetched(self, load: _Load, t) -> None:
         """Decode from the prefetched planes (or the cache's, where it holds one). The slots the admission
         policy handed out get the planes too, so the cache keeps them as if it had read them itself: each
-        decode worker copies its shard's slices (a prefetched expert is always decoded fused, K shards)."""
+        decode worker copies its shard's slices (K shards; its SM plane is in from the start, so even a late
+        merge's shards, which do not wait for SM, can copy it)."""
         cache, key, entry = self.cache, load.key, load.entry
         sm, region = load.prefetched
         held = cache.state(key)

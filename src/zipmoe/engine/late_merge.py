@@ -1,12 +1,18 @@
 """Late merge (load(late_merge=True)): recombine an expert's SM and exponent planes on the compute device once
 both are in, so the decode workers write exponents only and an E/MISS expert decodes while its SM plane is
 still being read (the fused path's shards must wait for that read: a K-way decode tail after a layer's last
-read). The oracle is codec.merge_into; this is the same bit layout as torch byte ops.
+read). The oracle is codec.merge_into; this is the same bit layout as torch byte ops. On a CPU the merge
+runs on the compute thread, unpriced by the plan (a dozen byte passes): there it is for testing the path
+that a GPU runs; a GPU's merge is a few elementwise kernels.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+
+from zipmoe.errors import ZipMoEError
 
 
 class TorchMerge:
@@ -20,6 +26,8 @@ class TorchMerge:
     SCRATCH_PLANES = 3  # bytes of scratch per weight
 
     def __init__(self, numel: int, device: torch.device):
+        if sys.byteorder != "little":  # the byte positions below are little-endian BF16
+            raise ZipMoEError("late_merge writes little-endian BF16; this machine is big-endian: leave it off")
         self.sm, self.exp, self.tmp = (torch.empty(numel, dtype=torch.uint8, device=device) for _ in range(3))
 
     def __call__(self, sm: torch.Tensor, exp: torch.Tensor, out: torch.Tensor) -> None:

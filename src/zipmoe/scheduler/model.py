@@ -80,7 +80,8 @@ def build_jobs(tasks: Sequence[ExpertTask]) -> list[Job]:
             after_e = add(j, Kind.READ_E, t.read_e_s, ())
             sm = add(j, Kind.READ_SM, t.read_sm_s, ())
             # fused (no merge job, no late merge): each shard merges in place, so it needs the SM plane too
-            shard_preds = tuple(sorted(set(after_e + sm))) if t.merge_s <= tiny and not t.late_merge else after_e
+            in_place = t.merge_s <= tiny and not t.late_merge  # ExpertTask.shards_need_sm, with the tiny cut
+            shard_preds = tuple(sorted(set(after_e + sm))) if in_place else after_e
             shards: tuple[int, ...] = ()
             for i in range(t.k):
                 shards += add(j, Kind.SHARD, t.decode_s / t.k, shard_preds, i)
