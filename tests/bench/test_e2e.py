@@ -379,3 +379,17 @@ def test_the_warm_up_clone_keeps_one_layer_of_each_attention_type() -> None:
     assert clone.mlp_only_layers == [0]  # kept layers 0 and 2 of the original: only 0 was dense
     plain = one_layer_per_type(Qwen2MoeConfig(num_hidden_layers=4, layer_types=None))
     assert plain.num_hidden_layers == 1
+
+
+def test_the_late_merge_variant_runs_beside_zipmoe_and_the_report_compares_them(suite: Path, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    shutil.copytree(suite, work, ignore=shutil.ignore_patterns("runs"))
+    assert e2e.main(["--workdir", str(work), "--systems", "zipmoe,zipmoe-late-merge", *ARGS]) == 0
+    by = {d["system"]: d for d in report.load_runs(work)}
+    late, z = by["zipmoe-late-merge"], by["zipmoe"]
+    assert late["status"] == "complete" and late["memory_budget"] == z["memory_budget"]
+    for batch in ("1", "2"):
+        ls, zs = late["batches"][batch]["summary"], z["batches"][batch]["summary"]
+        assert ls["tokens"] == zs["tokens"] and ls["bytes_read"] > 0
+    text = report.markdown(report.load_runs(work))
+    assert "| zipmoe, late merge |" in text and "zipmoe ÷ zipmoe with late merge" in text

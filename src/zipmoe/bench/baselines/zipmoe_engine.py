@@ -48,6 +48,7 @@ class ZipMoESystem(HFSystem):
     page_cache: str = "O_DIRECT"
     coder: str = "huffman"  # which converted store it serves
     eviction: str | None = None  # None: load()'s default
+    late_merge: bool = False  # load(late_merge=...): the GPU merges what the workers decoded
 
     def _capacities(self, setup: Setup, budget: Budget) -> dict[State, int] | None:
         return None  # the engine's default pool split
@@ -55,7 +56,7 @@ class ZipMoESystem(HFSystem):
     def _load(self, setup: Setup, budget: Budget) -> torch.nn.Module:
         model = load(setup.stores[self.coder], device=setup.device, memory_budget=budget.nbytes,
                      workers=setup.workers, capacities=self._capacities(setup, budget),
-                     experts_implementation=setup.experts_implementation,
+                     experts_implementation=setup.experts_implementation, late_merge=self.late_merge,
                      **({"eviction": self.eviction} if self.eviction else {}))
         engine = model.zipmoe_engine
         if not engine.reader.direct:
@@ -84,3 +85,12 @@ class ZipMoESystem(HFSystem):
         if self.model is not None:
             unload(self.model)
         super().close()
+
+
+@dataclass
+class ZipMoELateMergeSystem(ZipMoESystem):
+    """zipmoe with load(late_merge=True), to compare with the default in one suite run."""
+
+    name: str = "zipmoe-late-merge"
+    label: str = "zipmoe, late merge"
+    late_merge: bool = True
