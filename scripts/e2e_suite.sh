@@ -6,6 +6,7 @@
 # DEADLINE (s, default 520) ends a call early when less device time is left; WARM=attention replays the
 # workload on a one-layer clone instead of the first system (bench e2e --warm-process; not yet compared on the
 # device against the default replay, which took 118 s of each call on the Qwen shape).
+# SYSTEMS overrides the compared systems (e.g. add zipmoe-late-merge to A/B load(late_merge=True)).
 # Measured on the Qwen shape at 4c1bc7a: three calls, 532 + 447 + 87 s (BENCHMARKS.md, eighth session).
 set -euo pipefail
 case "${1:-}" in
@@ -16,7 +17,7 @@ esac
 out=${OUT:-runs/e2e-$1-out}
 mkdir -p "$out"
 zipmoe bench e2e --workdir "runs/e2e-$1" --shape "$shape" --layers 6 \
-  --systems zipmoe,uncompressed,transformers,accelerate --budgets 0.25 --batches 1 16 \
+  --systems "${SYSTEMS:-zipmoe,uncompressed,transformers,accelerate}" --budgets 0.25 --batches 1 16 \
   --prompts 8 --new-tokens 64 --sample accelerate=2x8 --deadline "${DEADLINE:-520}" --warm-process "${WARM:-1}" \
   --json "$out/e2e-$1.json" --report
 cp "runs/e2e-$1/report/"*.md "runs/e2e-$1/report/"*.png "$out/" 2>/dev/null || true
