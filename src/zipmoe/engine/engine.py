@@ -216,7 +216,10 @@ class Engine:
         """Yield (expert, gate_up [2I,H], down [H,I]) for each needed expert as soon as it is ready;
         `tokens` (routed to each) weigh the access for the eviction policy."""
         t_layer = time.perf_counter()
-        if self._merge_done is not None:  # the last layer's late merges read cache slots this layer may refill
+        if self._merge_done is not None:
+            # the last layer's late merges copy from host planes this layer may refill: cache slots (its reads and
+            # admissions come after this line) and the prefetcher's slot set, which it refills only once a later
+            # layer's own reads are done (Prefetcher.disk_free, called from inside experts(), after this line)
             self._merge_done.synchronize()
         keys = [ExpertKey(layer, e) for e in needed]
         if self.pools is not None:
