@@ -393,3 +393,15 @@ def test_the_late_merge_variant_runs_beside_zipmoe_and_the_report_compares_them(
         assert ls["tokens"] == zs["tokens"] and ls["bytes_read"] > 0
     text = report.markdown(report.load_runs(work))
     assert "| zipmoe, late merge |" in text and "zipmoe ÷ zipmoe with late merge" in text
+
+
+def test_the_report_says_where_the_engine_systems_batch_1_steps_go(suite: Path) -> None:
+    runs = report.load_runs(suite)
+    lines = report.trace_table(runs)
+    rows = [line for line in lines if line.startswith("| zipmoe |") or line.startswith("| uncompressed LRU |")]
+    assert len(rows) == 2, lines  # the engine systems traced their batch-1 runs; the others have no trace
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        step, bound, reads = (float(c) for c in cells[2:5])
+        assert step > 0 and bound >= 0 and 0 <= reads <= step * 1.05  # reads in flight fit in the step
+    assert "Where a batch-1 decode step goes" in report.markdown(runs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,39 @@ def targets(rs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+# (trace_summary key, column): where a batch-1 decode step of an engine system went, ms per step
+TRACE_COLUMNS = (("read_union_ms_sum_per_step", "reads in flight"), ("after_last_read_ms_sum_per_step",
+                 "after the last read"), ("model_between_ms_sum_per_step", "model's code between layers"),
+                 ("experts_tail_ms_sum_per_step", "our tail"), ("experts_head_ms_sum_per_step", "our head"),
+                 ("sync_wait_ms_sum_per_step", "of it: device wait"), ("before_first_read_ms_sum_per_step",
+                 "before the first read"))
+
+
+def trace_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Per engine run at batch 1: medians over prompts of the trace's per-step sums (bench/metrics.py
+    trace_summary) beside the step's I/O bound; [] when no run recorded a trace."""
+    lines = []
+    for doc in runs:
+        recs = [r for r in doc.get("batches", {}).get("1", {}).get("records", []) if r.get("trace")]
+        if not recs:
+            continue
+        cells = []
+        for key, _ in TRACE_COLUMNS:
+            vals = [r["trace"][key] for r in recs if r["trace"].get(key) is not None]
+            cells.append(_f(statistics.median(vals) if vals else None, "{:.1f}"))
+        tpot = statistics.median(r["tpot_s"] for r in recs) * 1e3
+        bound = [r["tpot_io_bound_s"] for r in recs if r.get("tpot_io_bound_s")]
+        lines.append(f"| {doc.get('label', doc['system'])} | {_budget(doc.get('budget_frac'))} | {tpot:.1f} "
+                     f"| {_f(statistics.median(bound) * 1e3 if bound else None, '{:.1f}')} | " + " | ".join(cells)
+                     + " |")
+    if not lines:
+        return []
+    head = "| system | budget | step ms | I/O bound ms | " + " | ".join(c for _, c in TRACE_COLUMNS) + " |"
+    return ["Where a batch-1 decode step goes (engine trace, ms per step, medians over prompts; the gap between "
+            "layers is the model's code + our tail + our head):", "", head, "|" + "---|" * (head.count("|") - 1),
+            *lines, ""]
+
+
 def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
     """The BENCHMARKS.md section: provenance, table, targets, systems that did not run, plots."""
     rs = rows(runs)
@@ -159,7 +193,7 @@ def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
         "BF16 expert bytes on top of dense weights + staging, the same total for every system. Routing: the "
         "calibrated sampler, same sequence per prompt for every system.",
         "", "Commands:", "", *[f"    {c}" for c in commands], "",
-        table(rs), "", "Against the targets (issue 6):", *targets(rs), "",
+        table(rs), "", "Against the targets (issue 6):", *targets(rs), "", *trace_table(runs),
         "Page cache:", *[f"- {n}" for n in notes], "",
     ]
     cold = sorted({f"- {w['system']} ({w['status']}): {w['groups_covered']} of {w['groups']} prompt groups per "
