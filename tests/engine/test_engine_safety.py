@@ -184,19 +184,21 @@ def test_budget_too_small_names_the_minimum(store):
     assert "too small" in str(err.value)
 
 
-@pytest.mark.parametrize("plan_batch", [1, 4])
-def test_replanning_during_generation_keeps_logits_exact(store, tmp_path, plan_batch):
-    """Planned pools re-plan in the background while the model runs: outputs must not change."""
+@pytest.mark.parametrize(("plan_batch", "late_merge"), [(1, False), (4, False), (1, True)])
+def test_replanning_during_generation_keeps_logits_exact(store, tmp_path, plan_batch, late_merge):
+    """Planned pools re-plan in the background while the model runs: outputs must not change (with a late
+    merge too, which the planner then prices as the engine runs it)."""
 
     with StoreReader(store) as r:
         numel = next(iter(r.entries.values())).numel
         dense = sum(p.stat().st_size for p in r.dense_files())
     stats_path(store).unlink(missing_ok=True)  # start from the prior, not from an earlier test's statistics
     model = load(store, memory_budget=dense + 8 * numel * 6 + 6 * numel, workers=2, planning=True,
-                 plan_batch=plan_batch)
+                 plan_batch=plan_batch, late_merge=late_merge)
     try:
         pools = model.zipmoe_engine.pools
         assert pools is not None, "a budget below everything-fits must plan its pools"
+        assert pools.late_merge is late_merge
         called = pools.plan.snapshot.curves.sum(axis=1)  # experts a layer call needs, on average
         if plan_batch == 1:
             assert np.allclose(called, pools.top_k)

@@ -55,11 +55,12 @@ def random_costs(rng) -> CostModel:
                      10 ** rng.uniform(-4, -2.5))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_closed_form_is_the_schedulers_lower_bound(fused):
+@pytest.mark.parametrize(("fused", "late_merge"), [(False, False), (True, False), (True, True)])
+def test_closed_form_is_the_schedulers_lower_bound(fused, late_merge):
     rng = np.random.default_rng(0)
     for _ in range(150):
-        tasks, w = state_tasks(GEOM, random_costs(rng), fused=fused), int(rng.integers(1, 16))
+        tasks = state_tasks(GEOM, random_costs(rng), fused=fused, late_merge=late_merge)
+        w = int(rng.integers(1, 16))
         counts = rng.multinomial(int(rng.integers(0, 10)), [0.2] * 5)
         assert makespan_bound(counts[None], tasks, w)[0] == pytest.approx(lower_bound(layer_of(counts, tasks), w),
                                                                           rel=1e-9, abs=1e-15)
@@ -218,3 +219,16 @@ def test_a_plan_costs_no_more_than_the_all_c_split_under_its_own_model():
         assert layout_cost(snapshot(), GEOM, COSTS, W, (0, 0, 0, 0), per_call=per_call) == pytest.approx(p.all_miss_s)
     with pytest.raises(ZipMoEError, match="ranks"):
         layout_cost(snapshot(), GEOM, COSTS, W, (0, E, 1, 0))
+
+
+def test_a_late_merge_is_priced_no_slower_than_fused_and_faster_on_misses():
+    """The shards of an E or MISS expert no longer wait for its SM read: the bound can only drop, and does
+    when decoding takes a while next to the reads."""
+    costs = CostModel(2e9, 1e-4, 5e8, 5e9, 1e-4)  # decode slow enough to matter
+    fused, late = state_tasks(GEOM, costs), state_tasks(GEOM, costs, late_merge=True)
+    rng = np.random.default_rng(2)
+    counts = rng.multinomial(6, [0.2] * 5, size=200)
+    a, b = makespan_bound(counts, fused, 8), makespan_bound(counts, late, 8)
+    assert np.all(b <= a + 1e-12)
+    miss = np.array([[0, 0, 0, 0, 4]])
+    assert makespan_bound(miss, late, 8)[0] < makespan_bound(miss, fused, 8)[0]

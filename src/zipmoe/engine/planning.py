@@ -31,7 +31,7 @@ class PlannedPools:
 
     def __init__(self, reader: StoreReader, device: str, workers: int, top_k: int, pool_budget: int,
                  replan_every: int = 256, drift_threshold: float = 0.1, rank_admission: bool = False,
-                 batch: int = 1):
+                 batch: int = 1, late_merge: bool = False):
         store = reader.path
         self._path, self._fingerprint = stats_path(store), store_fingerprint(store)
         entries = reader.entries
@@ -41,7 +41,7 @@ class PlannedPools:
         # experts: the statistics observe exactly that (each call's share of experts), so only the prior
         # is turned into union curves (stats.batch_curves); calls of varying size are priced by the bound
         # model. Statistics are persisted with the batch size they were observed at, and reused only for it.
-        self.top_k, self.workers, self.batch = top_k, workers, batch
+        self.top_k, self.workers, self.batch, self.late_merge = top_k, workers, batch, late_merge  # as the engine runs
         self._per_call = top_k if batch == 1 else None
         self.geometry = store_geometry(reader)
         self.profile = profile_machine(store, device, read_stripes=reader.read_stripes)
@@ -53,7 +53,7 @@ class PlannedPools:
             seed_from_curves(stats, batch_curves(prior, batch))
         self.stats = stats
         self.plan: PoolPlan = plan(stats.snapshot(), self.geometry, self.costs, workers, pool_budget,
-                                   per_call=self._per_call)
+                                   per_call=self._per_call, late_merge=late_merge)
         # Which experts fill the pools: by default the cache's recency policy (LRU) inside the planned
         # capacities, because routing skew is mostly within a request (a new prompt permutes which
         # experts are hot; ../data/routing_profiles.json: top 25 % take 63 % within a prompt, 34 %
@@ -84,7 +84,8 @@ class PlannedPools:
             self._pending.add_done_callback(_log_failure)
 
     def _replan(self, snapshot) -> None:
-        new = replan(self.plan, snapshot, self.geometry, self.costs, self.workers, per_call=self._per_call)
+        new = replan(self.plan, snapshot, self.geometry, self.costs, self.workers, per_call=self._per_call,
+                     late_merge=self.late_merge)
         self.plan = new
         if self.admission is not None:
             self.admission.set_plan(new)

@@ -171,7 +171,8 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     if capacities is not None:
         capacities = {p: capacities.get(p, 0) for p in (State.F, State.C, State.S, State.E)}
     elif planning and not fits:
-        pools = PlannedPools(reader, device.type, workers, top_k, budget.free(), batch=plan_batch)
+        pools = PlannedPools(reader, device.type, workers, top_k, budget.free(), batch=plan_batch,
+                             late_merge=late_merge)
         capacities, costs = pools.plan.capacities, pools.costs
     cache = ExpertCache(budget, numel, e_slot, device, n_experts=len(entries), eviction=eviction,
                         capacities=capacities, admission=pools.admission if pools else None)

@@ -116,7 +116,7 @@ class _Objective:
 
 def plan(
     snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, workers: int, budget_bytes: int, *,
-    per_call: int | None = None, mode: str = "auto", grid: int = 8, refine: bool = True,
+    per_call: int | None = None, mode: str = "auto", grid: int = 8, refine: bool = True, late_merge: bool = False,
 ) -> PoolPlan:
     """The pool layout with the least expected layer makespan that fits `budget_bytes` of expert pools.
 
@@ -124,11 +124,11 @@ def plan(
     distribution on it; None for batches (the number of distinct experts varies). mode: 'bound',
     'schedule' (makespan.py) or 'auto': schedule when per_call is fixed and at most SCHEDULE_MAX_PER_CALL
     (few hit combinations, each priced by the real scheduler), else bound. grid: coarse grid points per
-    axis of the first phase.
+    axis of the first phase. late_merge: price loads as load(late_merge=True) runs them (makespan.state_tasks).
     """
     if budget_bytes < 0:
         raise ZipMoEError(f"budget_bytes must be >= 0, got {budget_bytes}")
-    obj = _objective(snapshot, geom, costs, workers, per_call, mode)
+    obj = _objective(snapshot, geom, costs, workers, per_call, mode, late_merge)
     n_layers, n = len(snapshot.layers), snapshot.curves.shape[1]
     split = _best_split(obj, n_layers, n, geom.entry_bytes, budget_bytes // max(1, n_layers), grid)
     sizes = [split] * n_layers
@@ -139,30 +139,30 @@ def plan(
 
 def replan(
     old: PoolPlan, snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, workers: int, *,
-    per_call: int | None = None, mode: str = "auto",
+    per_call: int | None = None, mode: str = "auto", late_merge: bool = False,
 ) -> PoolPlan:
     """A plan for new curves with the same pool totals as `old` (the cache needs no resizing): only
     the per-layer rank ranges move. Run it on a background thread and swap the admission's plan."""
     if snapshot.layers != old.layers or snapshot.curves.shape[1] != old.num_experts:
         raise ZipMoEError("replan needs statistics for the same layers and expert count as the old plan")
-    obj = _objective(snapshot, geom, costs, workers, per_call, mode)
+    obj = _objective(snapshot, geom, costs, workers, per_call, mode, late_merge)
     return _finish(obj, snapshot, _refine(obj, list(old.sizes), old.num_experts), geom)
 
 
 def layout_cost(
     snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, workers: int, sizes: Sizes, *,
-    per_call: int | None = None, mode: str = "auto",
+    per_call: int | None = None, mode: str = "auto", late_merge: bool = False,
 ) -> float:
     """Expected s per model step of one layout (the same split in every layer), under plan()'s model:
     what a fixed split such as the default all-C one costs next to a plan."""
     if min(sizes) < 0 or sum(sizes) > snapshot.curves.shape[1]:
         raise ZipMoEError(f"a layout gives 0..{snapshot.curves.shape[1]} ranks to the pools, got {sizes}")
-    obj = _objective(snapshot, geom, costs, workers, per_call, mode)
+    obj = _objective(snapshot, geom, costs, workers, per_call, mode, late_merge)
     return sum(obj.layer(i, sizes) for i in range(len(snapshot.layers)))
 
 
 def _objective(snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, workers: int,
-               per_call: int | None, mode: str) -> _Objective:
+               per_call: int | None, mode: str, late_merge: bool = False) -> _Objective:
     if not snapshot.layers:
         raise ZipMoEError("cannot plan without MoE layers")
     empty = [layer for layer, c in zip(snapshot.layers, snapshot.curves, strict=True) if not c.sum() > 0]
@@ -173,7 +173,8 @@ def _objective(snapshot: RankSnapshot, geom: ExpertGeometry, costs: CostModel, w
     curves = np.vstack([snapshot.curves, snapshot.curves.mean(axis=0, keepdims=True)])
     if mode == "auto":
         mode = "schedule" if per_call is not None and per_call <= SCHEDULE_MAX_PER_CALL else "bound"
-    return _Objective(LayerModel(state_tasks(geom, costs), workers, per_call=per_call, mode=mode), curves)
+    tasks = state_tasks(geom, costs, late_merge=late_merge)
+    return _Objective(LayerModel(tasks, workers, per_call=per_call, mode=mode), curves)
 
 
 def _finish(obj: _Objective, snapshot: RankSnapshot, sizes: list[Sizes], geom: ExpertGeometry) -> PoolPlan:

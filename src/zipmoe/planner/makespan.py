@@ -59,12 +59,14 @@ class ExpertGeometry:
         return cls(numel, sm_bytes, e_bytes, k, (2 * numel, sm + e, sm, e))
 
 
-def state_tasks(geom: ExpertGeometry, costs: CostModel, fused: bool = True) -> dict[State, ExpertTask]:
+def state_tasks(geom: ExpertGeometry, costs: CostModel, fused: bool = True,
+                late_merge: bool = False) -> dict[State, ExpertTask]:
     """The task one expert is in each state (placeholder keys). fused=True (default) prices every load as
-    the engine runs it: no merge job, and an E/MISS expert's shards wait for its SM read. fused=False is
-    the paper's model (a separate merge per expert)."""
+    the engine runs it by default: no merge job, and an E/MISS expert's shards wait for its SM read.
+    late_merge=True as load(late_merge=True) runs it: no merge job, and the shards do not wait for the SM
+    read. fused=False without late_merge is the paper's model (a separate merge per expert)."""
     return {st: costs.task(ExpertKey(-1, int(st)), st, geom.sm_bytes, geom.e_bytes, geom.numel, geom.k,
-                           fused=fused and st is not State.F)
+                           fused=fused and not late_merge and st is not State.F, late_merge=late_merge)
             for st in HIT_STATES}
 
 
@@ -74,8 +76,8 @@ def makespan_bound(counts: np.ndarray, tasks: dict[State, ExpertTask], workers: 
     present = c > 0
     t = [tasks[st] for st in HIT_STATES]
     shard = [x.decode_s / x.k if x.decodes else 0.0 for x in t]
-    # fused (merge_s = 0, scheduler/model.py): an E or MISS task's shards wait for its SM read as well
-    fused_e, fused_m = t[3].merge_s == 0, t[4].merge_s == 0
+    # fused (merge_s = 0, no late merge; scheduler/model.py): an E or MISS task's shards wait for its SM read
+    fused_e, fused_m = t[3].shards_need_sm, t[4].shards_need_sm
     # per state: earliest time its weights can be ready (the chain before compute)
     head = np.array([0.0, shard[1] + t[1].merge_s, t[2].read_e_s + shard[2] + t[2].merge_s,
                      t[3].read_sm_s + shard[3] if fused_e else max(t[3].read_sm_s, shard[3]) + t[3].merge_s,
