@@ -74,7 +74,7 @@ _GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reaso
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_late_merge_gives_the_reference_logits_in_every_state(converted, prefetch, layout, device):
+def test_late_merge_gives_the_reference_logits_in_every_state(converted, prefetch, layout, device, caplog):
     """On CUDA this is where the asynchronous copies meet reused host planes: staging slots reused by later
     waves, cache slots refilled by later layers, prefetch slot sets refilled every other layer."""
     ckpt, store = converted
@@ -89,8 +89,10 @@ def test_late_merge_gives_the_reference_logits_in_every_state(converted, prefetc
     ids, mask = ids.to(device), mask.to(device)
     gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     want = ref.generate(input_ids=ids, attention_mask=mask, **gen)
-    model = load(store, device=device, capacities=capacities, workers=2, late_merge=True, prefetch=prefetch,
-                 preload=False, staging_slots=slots)
+    with caplog.at_level("WARNING", logger="zipmoe"):
+        model = load(store, device=device, capacities=capacities, workers=2, late_merge=True, prefetch=prefetch,
+                     preload=False, staging_slots=slots)
+    assert ("late_merge=True on a CPU" in caplog.text) == (device == "cpu")  # slower there: the user is told
     try:
         engine = model.zipmoe_engine
         assert engine.late_merge and engine.staging.exp is not None

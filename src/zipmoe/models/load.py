@@ -131,6 +131,9 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
+    if late_merge and device.type == "cpu":
+        log.warning("zipmoe: late_merge=True on a CPU merges on the compute thread, slower than the default "
+                    "(engine/late_merge.py); it is meant for GPUs")
     adapter = get_adapter(reader.config.get("model_type"))
     per_module = isinstance(adapter, ModuleAdapter)  # one nn.Module per expert (models/per_expert.py)
     if prefetch and per_module:
