@@ -171,10 +171,12 @@ class Engine:
         self.staging = cache.staging(staging_slots, exp=late_merge)  # fused loads need no exponent planes
         self._cuda = device.type == "cuda"
         self._merge: TorchMerge | None = None
+        self._exp_rows: list[torch.Tensor] = []  # late merge: torch views of the staging exponent planes
         if late_merge:  # its scratch planes on the compute device
             cache.budget.reserve("staging.late_merge", TorchMerge.SCRATCH_PLANES * cache.numel)
             try:
                 self._merge = TorchMerge(cache.numel, device)
+                self._exp_rows = [row[: cache.numel] for row in self.staging.exp.tensors]  # made once, per slot
             except BaseException:
                 cache.budget.release("staging.late_merge")
                 cache.release_staging(self.staging)
@@ -301,7 +303,7 @@ class Engine:
         if self.late_merge:  # workers write exponents here; TorchMerge writes the expert into `out`
             if self._cuda:
                 self._copied[slot].synchronize()  # the previous wave's H2D from this slot's planes is done
-            load.exp = st.exp.views[slot][: load.entry.numel]
+            load.exp = st.exp.views[slot][: load.entry.numel]  # the workers' numpy view; TorchMerge reads _exp_rows
             load.out = t.full if t.full is not None else st.full.views[slot]
         elif self._cuda:
             self._copied[slot].synchronize()  # the previous wave's H2D from this slot is done
@@ -364,7 +366,7 @@ class Engine:
         if load.state is State.F:
             return
         if self._merge is not None:
-            self._merge(torch.from_numpy(load.sm), torch.from_numpy(load.exp), load.out)
+            self._merge(torch.from_numpy(load.sm), self._exp_rows[load.slot], load.out)
             if self._merge_done is not None:  # its H2D copies read host planes: staging (per slot) and cache slots
                 self._copied[load.slot].record()
                 self._merge_done.record()
@@ -485,7 +487,7 @@ class Engine:
             self._host_rows, self._host_u16 = (), []  # the pinned staging goes with its last view
             self.cache.budget.release("staging.host_bf16")
         if self._merge is not None:
-            self._merge = None
+            self._merge, self._exp_rows = None, []
             self.cache.budget.release("staging.late_merge")
         self.cache.release_staging(self.staging)
         self.cache.close()

@@ -2,9 +2,9 @@
 both are in, so the decode workers write exponents only and an E/MISS expert decodes while its SM plane is
 still being read (the fused path's shards must wait for that read: a K-way decode tail after a layer's last
 read). The oracle is codec.merge_into; this is the same bit layout as torch byte ops. On a CPU the merge
-runs on the compute thread, unpriced by the plan (a dozen byte passes: 12 ms per Qwen1.5-MoE expert on the
-2-core dev machine, against 1.7 ms for codec.merge_into): there it is for testing the path a GPU runs; a
-GPU's merge is a few elementwise kernels.
+runs on the compute thread, unpriced by the plan (a dozen byte passes, several times codec.merge_into's
+time: BENCHMARKS.md, eighth session): there it is for testing the path a GPU runs; a GPU's merge is a few
+elementwise kernels.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from zipmoe.store.reader import StoreReader
 from zipmoe.types import ExpertKey
 
 # Bytes per read call of a prefetch read (a multiple of 4096): the most disk time a read called off still
-# takes. scripts/disk_probe.py on the device: one O_DIRECT stream reads 4 MiB at 2.10 GB/s, 8 MiB at 2.16.
+# takes. scripts/disk_probe.py on the device (BENCHMARKS.md, fifth session): one O_DIRECT stream reads
+# 4 MiB at 2.10 GB/s, 8 MiB at 2.16.
 READ_PART = 4 << 20
 
 
@@ -165,16 +166,13 @@ class Prefetcher:
         def stop() -> bool:
             return self._unwanted(fill, slot)
 
+        done = 0  # bytes of the planes read whole
         try:
             sm = self.reader.read_sm_into(entry, self._sm.views[slot], part=self.part, stop=stop)
-        except ReadStopped as exc:
-            return None, exc.bytes_read
-        except Exception:
-            return None, entry.sm.length
-        try:
+            done = entry.sm.length
             self.reader.read_e_into(entry, self._e.views[slot], part=self.part, stop=stop)
+            return sm, done + entry.e_length
         except ReadStopped as exc:
-            return None, entry.sm.length + exc.bytes_read
-        except Exception:
-            return None, entry.sm.length + entry.e_length
-        return sm, entry.sm.length + entry.e_length
+            return None, done + exc.bytes_read
+        except Exception:  # read whole, then failed its checksum
+            return None, done + (entry.e_length if done else entry.sm.length)
