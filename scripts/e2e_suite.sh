@@ -6,7 +6,7 @@
 # DEADLINE (s, default 520) ends a call early when less device time is left; WARM=attention replays the
 # workload on a one-layer clone instead of the first system (bench e2e --warm-process; not yet compared on the
 # device against the default replay, which took 118 s of each call on the Qwen shape).
-# SYSTEMS overrides the compared systems (e.g. add zipmoe-late-merge to A/B load(late_merge=True)).
+# SYSTEMS overrides the compared systems (e.g. add zipmoe-fused to A/B load(late_merge=False), the CUDA default being on).
 # Measured on the Qwen shape at 4c1bc7a: three calls, 532 + 447 + 87 s (BENCHMARKS.md, eighth session).
 set -euo pipefail
 case "${1:-}" in

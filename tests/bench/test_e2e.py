@@ -381,18 +381,18 @@ def test_the_warm_up_clone_keeps_one_layer_of_each_attention_type() -> None:
     assert plain.num_hidden_layers == 1
 
 
-def test_the_late_merge_variant_runs_beside_zipmoe_and_the_report_compares_them(suite: Path, tmp_path: Path) -> None:
+def test_the_fused_variant_runs_beside_zipmoe_and_the_report_compares_them(suite: Path, tmp_path: Path) -> None:
     work = tmp_path / "w"
     shutil.copytree(suite, work, ignore=shutil.ignore_patterns("runs"))
-    assert e2e.main(["--workdir", str(work), "--systems", "zipmoe,zipmoe-late-merge", *ARGS]) == 0
+    assert e2e.main(["--workdir", str(work), "--systems", "zipmoe,zipmoe-fused", *ARGS]) == 0
     by = {d["system"]: d for d in report.load_runs(work)}
-    late, z = by["zipmoe-late-merge"], by["zipmoe"]
-    assert late["status"] == "complete" and late["memory_budget"] == z["memory_budget"]
+    fused, z = by["zipmoe-fused"], by["zipmoe"]
+    assert fused["status"] == "complete" and fused["memory_budget"] == z["memory_budget"]
     for batch in ("1", "2"):
-        ls, zs = late["batches"][batch]["summary"], z["batches"][batch]["summary"]
-        assert ls["tokens"] == zs["tokens"] and ls["bytes_read"] > 0
+        fs, zs = fused["batches"][batch]["summary"], z["batches"][batch]["summary"]
+        assert fs["tokens"] == zs["tokens"] and fs["bytes_read"] > 0
     text = report.markdown(report.load_runs(work))
-    assert "| zipmoe, late merge |" in text and "zipmoe ÷ zipmoe with late merge" in text
+    assert "| zipmoe, fused decode |" in text and "zipmoe with fused decode ÷ zipmoe" in text
 
 
 def test_the_report_says_where_the_engine_systems_batch_1_steps_go(suite: Path) -> None:

@@ -107,3 +107,23 @@ def test_late_merge_gives_the_reference_logits_in_every_state(converted, prefetc
         _assert_cache_holds_the_stored_planes(engine)
     finally:
         unload(model)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
+def test_late_merge_is_the_default_on_cuda_only(converted, device, caplog):
+    """On CUDA the GPU merges (18 % off batch-1 TPOT on the device); on a CPU the workers' fused decode stays,
+    with no warning, and an explicit late_merge=False is honoured on CUDA."""
+    _, store = converted
+    with caplog.at_level("WARNING", logger="zipmoe"):
+        model = load(store, device=device, workers=2, preload=False)
+        try:
+            assert model.zipmoe_engine.late_merge is (device == "cuda")
+            assert (model.zipmoe_engine.staging.exp is not None) is (device == "cuda")
+        finally:
+            unload(model)
+    assert "late_merge" not in caplog.text
+    model = load(store, device=device, workers=2, preload=False, late_merge=False)
+    try:
+        assert model.zipmoe_engine.late_merge is False and model.zipmoe_engine.staging.exp is None
+    finally:
+        unload(model)

@@ -50,8 +50,7 @@ from zipmoe.types import State
 SYSTEMS: dict[str, dict] = {
     "zipmoe": {},
     "zipmoe-prefetch": {"prefetch": True},
-    "zipmoe-late-merge": {"late_merge": True},  # workers decode exponents only; the GPU merges (engine/late_merge.py)
-    "zipmoe-late-merge-prefetch": {"late_merge": True, "prefetch": True},
+    "zipmoe-fused": {"late_merge": False},  # workers decode and merge each expert (the default on CPU, not on CUDA)
     "zipmoe-4pools": {"pool_split": (0.25, 0.25, 0.25, 0.25)},  # the paper's "+ four pools" row: F/C/S/E, no planning
     "zipmoe-planned": {"planning": True},
     "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},

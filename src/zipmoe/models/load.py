@@ -72,7 +72,7 @@ def load(
     planning: bool = False,
     plan_batch: int = 1,
     prefetch: bool = False,
-    late_merge: bool = False,
+    late_merge: bool | None = None,
     preload: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> torch.nn.Module:
@@ -100,8 +100,9 @@ def load(
     next MoE layer's predicted experts (its router applied to this layer's hidden states) while the
     disk would idle; outputs are unchanged, the read-ahead slots come out of the budget. late_merge: the
     decode workers write exponents only, without waiting for an expert's SM read, and the compute device
-    merges the two planes when both are in (engine/late_merge.py); off by default until measured on a GPU,
-    the same bits either way. preload:
+    merges the two planes when both are in (engine/late_merge.py). None (default) = on for CUDA, where it took
+    18 % off batch-1 TPOT (BENCHMARKS.md, ninth session), off for a CPU, where the merge would run on the
+    compute thread; the same bits either way. preload:
     read every expert at load (None = when the budget holds every expert decoded, as plain
     from_pretrained would). progress: called as progress(stage, done, total) when each loading stage
     starts and once more at the end with done == total, for a progress bar; None (default) = silent.
@@ -131,7 +132,9 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
-    if late_merge and device.type == "cpu":
+    if late_merge is None:
+        late_merge = device.type == "cuda"
+    elif late_merge and device.type == "cpu":
         log.warning("zipmoe: late_merge=True on a CPU merges on the compute thread, slower than the default "
                     "(engine/late_merge.py); it is meant for GPUs")
     adapter = get_adapter(reader.config.get("model_type"))

@@ -17,7 +17,7 @@ from zipmoe.errors import ZipMoEError
 # --systems name -> (module, class); imported lazily (accelerate and friends are heavy)
 SYSTEMS: dict[str, tuple[str, str]] = {
     "zipmoe": ("zipmoe.bench.baselines.zipmoe_engine", "ZipMoESystem"),
-    "zipmoe-late-merge": ("zipmoe.bench.baselines.zipmoe_engine", "ZipMoELateMergeSystem"),
+    "zipmoe-fused": ("zipmoe.bench.baselines.zipmoe_engine", "ZipMoEFusedSystem"),
     "uncompressed": ("zipmoe.bench.baselines.uncompressed", "UncompressedSystem"),
     "accelerate": ("zipmoe.bench.baselines.accelerate_offload", "AccelerateSystem"),
     "transformers": ("zipmoe.bench.baselines.transformers_ref", "TransformersSystem"),

@@ -48,7 +48,7 @@ class ZipMoESystem(HFSystem):
     page_cache: str = "O_DIRECT"
     coder: str = "huffman"  # which converted store it serves
     eviction: str | None = None  # None: load()'s default
-    late_merge: bool = False  # load(late_merge=...): the GPU merges what the workers decoded
+    late_merge: bool | None = None  # load(late_merge=...); None: its default (on for CUDA)
 
     def _capacities(self, setup: Setup, budget: Budget) -> dict[State, int] | None:
         return None  # the engine's default pool split
@@ -88,9 +88,10 @@ class ZipMoESystem(HFSystem):
 
 
 @dataclass
-class ZipMoELateMergeSystem(ZipMoESystem):
-    """zipmoe with load(late_merge=True), to compare with the default in one suite run."""
+class ZipMoEFusedSystem(ZipMoESystem):
+    """zipmoe with load(late_merge=False): the workers merge each expert, as before late merge became the CUDA
+    default; to compare the two in one suite run."""
 
-    name: str = "zipmoe-late-merge"
-    label: str = "zipmoe, late merge"
-    late_merge: bool = True
+    name: str = "zipmoe-fused"
+    label: str = "zipmoe, fused decode"
+    late_merge: bool | None = False
