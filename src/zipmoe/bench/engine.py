@@ -30,6 +30,7 @@ import transformers
 
 from zipmoe.bench.baselines.base import PromptRouting, hook_routers  # every router class (issue 6)
 from zipmoe.bench.baselines.workdir import disk_bandwidth, routing_profile_for
+from zipmoe.bench.baselines.zipmoe_engine import store_geometry
 from zipmoe.bench.cachesim import PerAccessLRFU
 from zipmoe.bench.metrics import cuda_allocator_counts, trace_summary
 from zipmoe.bench.routing import RoutingSampler
@@ -65,6 +66,9 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-prefetch-stripe2": {"prefetch": True, "read_stripes": 2},
     "uncompressed-lru-stripe2": {"eviction": "lru", "read_stripes": 2},
     "zipmoe-gil5ms": {"switch_interval_s": 0.005},
+    # half the decode workers: does the model's own code between layers (slower there than in plain
+    # transformers, BENCHMARKS.md eighth session) run faster when fewer cores have just run the decoders?
+    "zipmoe-4workers": {"workers": 4},
     "uncompressed-lru": {"eviction": "lru"},
 }
 
@@ -232,13 +236,12 @@ def run(args) -> dict:
             timings[f"convert_{coder}_s"] = time.perf_counter() - t0
     cfg = json.loads((hf / "config.json").read_text())
     with StoreReader(stores["zipmoe"]) as r:
-        n_entries = len(r.entries)
         moe_layers = sorted({k.layer for k in r.entries})
-        numel = next(iter(r.entries.values())).numel
-        dense = sum(p.stat().st_size for p in r.dense_files())
-        stored = r.expert_bytes.stored
-        per_entry = entry_bytes(numel, r.max_e_region_bytes)
-    expert_bf16 = n_entries * numel * 2
+        per_entry = entry_bytes(next(iter(r.entries.values())).numel, r.max_e_region_bytes)
+    # the same budget arithmetic as bench e2e: dense + load()'s largest staging + a share of the expert bytes
+    geom = store_geometry(stores["zipmoe"], args.device)
+    n_entries, numel, dense, staging = geom["entries"], geom["numel"], geom["dense"], geom["staging"]
+    stored, expert_bf16 = geom["expert_stored"], geom["expert_bf16"]
     bw = disk_bandwidth(stores["uncompressed-lru"] / "experts.bin")
     result = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "experts": n_entries, "shards": args.shards,
               "expert_bf16_bytes": expert_bf16, "stored_expert_bytes": stored, "dense_bytes": dense,
@@ -246,7 +249,6 @@ def run(args) -> dict:
     sampler = RoutingSampler(routing_profile_for(args.shape), n_entries // len(moe_layers),
                              cfg["num_experts_per_tok"], len(moe_layers), seed=args.seed, layer_ids=moe_layers)
     override = LookaheadRouting(PromptRouting(sampler))
-    staging = 8 * numel * 8 + (1 << 24)
     batches = [(1, args.new_tokens)] + ([(args.big_batch, args.big_batch_tokens)] if args.big_batch > 0 else [])
     runs = [tuple(r.split(":")) for r in args.runs] if args.runs else [
         (name, str(frac)) for frac in args.budgets for name in args.systems]
@@ -271,7 +273,7 @@ def run(args) -> dict:
         switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)
         saved_switch, gil.ENGINE_SWITCH_INTERVAL_S = gil.ENGINE_SWITCH_INTERVAL_S, switch
         try:
-            model = load(store, device=args.device, memory_budget=budget, workers=args.workers, **extra)
+            model = load(store, device=args.device, memory_budget=budget, **{"workers": args.workers, **extra})
         finally:
             gil.ENGINE_SWITCH_INTERVAL_S = saved_switch
         hook_routers(model, override)

@@ -1,0 +1,31 @@
+"""bench/engine.py end to end on a shrunken Qwen-shaped model on CPU, so the device benchmark cannot rot
+between device sessions: every requested row runs under one shared budget that does not hold every expert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zipmoe.bench import engine as bench
+
+SYSTEMS = ("zipmoe", "zipmoe-fused", "zipmoe-4workers", "uncompressed-lru")
+
+
+def test_engine_bench_runs_every_row_under_one_budget(tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    assert bench.main(["--workdir", str(tmp_path / "w"), "--layers", "2", "--scale", "0.0625", "--device", "cpu",
+                       "--workers", "2", "--big-batch", "2", "--big-batch-tokens", "2", "--new-tokens", "3",
+                       "--prompt-len", "8", "--skip-reference", "--trace", "--json", str(out),
+                       "--runs", *(f"{s}:0.25" for s in SYSTEMS)]) == 0
+    result = json.loads(out.read_text())
+    runs = {(r["system"], r["batch"]): r for r in result["runs"]}
+    assert set(runs) == {(s, b) for s in SYSTEMS for b in (1, 2)}
+    assert len({r["memory_budget"] for r in runs.values()}) == 1  # the same bytes for every system
+    for (system, batch), r in runs.items():
+        assert r["bytes_read"] > 0, f"{system}: the budget held every expert; the row measures nothing"
+        assert abs(sum(r["hit_rate"].values()) - 1) < 1e-9
+        assert (r.get("trace") is not None) == (batch == 1) and (batch != 1 or r["trace"]["layer_calls"] > 0)
+        assert r["tpot_s"] > 0 and r["decode_io_bound_s"] > 0
+    for batch in (1, 2):  # compressed experts: more of them cached in the same bytes, fewer bytes per miss
+        assert runs[("zipmoe", batch)]["bytes_read"] < runs[("uncompressed-lru", batch)]["bytes_read"]
+        assert runs[("zipmoe", batch)]["hit_rate"]["C"] > runs[("uncompressed-lru", batch)]["hit_rate"]["F"]
