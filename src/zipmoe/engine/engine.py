@@ -34,13 +34,13 @@ from zipmoe.store.format import ExpertEntry
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import ExpertKey, State
 
-# By default every load decodes fused: each of the K shard jobs decodes its exponents and merges them with
-# its slice of the SM plane in one pass (CostModel.task(fused=True): no merge step is planned). For E and
-# MISS the plan makes the shards wait for the SM read too (scheduler/model.py), which leaves a K-way
-# parallel tail after the last read instead of one worker merging the whole expert (~2.6 ms for a
-# Qwen1.5-MoE expert on the device). late_merge=True instead: the shards decode exponents only, without
-# waiting for the SM read, and the compute thread merges both planes on the compute device when the expert
-# is ready (engine/late_merge.py): the tail after a layer's last read is then a few elementwise kernels.
+# On a CPU (late_merge off, load's default there) every load decodes fused: each of the K shard jobs decodes its
+# exponents and merges them with its slice of the SM plane in one pass (CostModel.task(fused=True): no merge
+# step is planned). For E and MISS the plan makes the shards wait for the SM read too (scheduler/model.py),
+# which leaves a K-way parallel tail after the last read instead of one worker merging the whole expert (~2.6 ms
+# for a Qwen1.5-MoE expert on the device). With late merge (the CUDA default) the shards decode exponents only,
+# without waiting for the SM read, and the compute thread merges both planes on the compute device when the
+# expert is ready (engine/late_merge.py): the tail after a layer's last read is then a few elementwise kernels.
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,10 @@
-"""Late merge (load(late_merge=True)): recombine an expert's SM and exponent planes on the compute device once
-both are in, so the decode workers write exponents only and an E/MISS expert decodes while its SM plane is
-still being read (the fused path's shards must wait for that read: a K-way decode tail after a layer's last
-read). The oracle is codec.merge_into; this is the same bit layout as torch byte ops. On a CPU the merge
-runs on the compute thread, unpriced by the plan (a dozen byte passes, several times codec.merge_into's
-time: BENCHMARKS.md, eighth session): there it is for testing the path a GPU runs; a GPU's merge is a few
-elementwise kernels.
+"""Late merge (load's default on CUDA; late_merge=True elsewhere): recombine an expert's SM and exponent planes on
+the compute device once both are in, so the decode workers write exponents only and an E/MISS expert decodes
+while its SM plane is still being read (the fused path's shards must wait for that read: a K-way decode tail
+after a layer's last read). The oracle is codec.merge_into; this is the same bit layout as torch byte ops. On a
+CPU the merge runs on the compute thread, unpriced by the plan (a dozen byte passes, several times
+codec.merge_into's time: BENCHMARKS.md, eighth session): there it is for testing the path a GPU runs; a GPU's
+merge is a few elementwise kernels.
 """
 
 from __future__ import annotations
