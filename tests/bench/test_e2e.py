@@ -63,10 +63,11 @@ def test_a_resumed_run_keeps_each_calls_warm_up_record(tmp_path: Path) -> None:
 
 
 def _warm_inputs(tmp_path: Path) -> tuple[argparse.Namespace, Setup]:
-    """Arguments and a setup for calling e2e._warm_process directly (execute_run patched)."""
+    """Arguments and a setup for calling e2e._warm_process directly (execute_run patched): the replay on the
+    named system (--warm-process 1); the default clone has its own test below."""
     parser = argparse.ArgumentParser()
     e2e.configure(parser)
-    args = parser.parse_args(["--workdir", str(tmp_path), *ARGS])
+    args = parser.parse_args(["--workdir", str(tmp_path), *ARGS, "--warm-process", "1"])
     setup = Setup(workdir=str(tmp_path), hf_dir="hf", stores={}, device="cpu", workers=1, disk_bytes_per_s=1.0,
                   routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
     return args, setup
