@@ -6,6 +6,7 @@
 # DEADLINE (s, default 520) ends a call early when less device time is left. WARM (default attention) is
 # bench e2e --warm-process: attention replays the workload on a one-layer clone (25 s per call on the device,
 # ninth session), 1 on the first system (118 s per call, eighth session), 0 not at all.
+# BATCHES (default "1 16") are the batch sizes measured; "1 4 16" adds batch 4 (not yet timed on the device).
 # SYSTEMS overrides the compared systems (e.g. add zipmoe-fused to A/B load(late_merge=False), the CUDA default
 # being on). Measured at 9b2190d: DeepSeek-V2-Lite in two calls, 463 + 272 s (BENCHMARKS.md, ninth session);
 # the Qwen shape at 4c1bc7a in three, 532 + 447 + 87 s (eighth session).
@@ -28,7 +29,7 @@ for name in "${names[@]}"; do
   mkdir -p "$out"
   log=$(mktemp)
   zipmoe bench e2e --workdir "runs/e2e-$name" --shape "$shape" --layers 6 \
-    --systems "${SYSTEMS:-zipmoe,uncompressed,transformers,accelerate}" --budgets 0.25 --batches 1 16 \
+    --systems "${SYSTEMS:-zipmoe,uncompressed,transformers,accelerate}" --budgets 0.25 --batches ${BATCHES:-1 16} \
     --prompts 8 --new-tokens 64 --sample accelerate=2x8 --deadline "$left" --warm-process "${WARM:-attention}" \
     --json "$out/e2e-$name.json" --report 2>&1 | tee "$log"
   mkdir -p "$out/$name"

@@ -52,6 +52,7 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe": {},
     "zipmoe-prefetch": {"prefetch": True},
     "zipmoe-fused": {"late_merge": False},  # workers decode and merge each expert (the default on CPU, not on CUDA)
+    "zipmoe-fused-prefetch": {"late_merge": False, "prefetch": True},
     "zipmoe-4pools": {"pool_split": (0.25, 0.25, 0.25, 0.25)},  # the paper's "+ four pools" row: F/C/S/E, no planning
     "zipmoe-planned": {"planning": True},
     "zipmoe-planned-prefetch": {"planning": True, "prefetch": True},
