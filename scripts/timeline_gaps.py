@@ -11,6 +11,10 @@ Eighth session, zipmoe at 25 % (call 2's timeline, not kept in the repo): per la
 of it inside 130 ops; the rest is mostly waiting for its reads, so compare "inside ops" and the op count with
 plain transformers' timeline (the same command writes torch-transformers-all-on-gpu.json.gz without
 --skip-reference).
+
+With two timelines, `--compare` also prints, for the ops and GPU kernels both ran, the median duration of one
+call in each and their ratio: the same op slower on the host in zipmoe's process points at the CPU side
+(frequency, caches), the same kernel slower on the device at the GPU's clocks while it idles between reads.
 """
 
 from __future__ import annotations
@@ -63,18 +67,49 @@ def summarize(path: str, count: int) -> dict:
             "ops_per_layer": statistics.median(len(w) for w in windows), "top_ops_ms": by_op.most_common(8)}
 
 
+def median_durations(path: str) -> dict[str, dict[str, tuple[float, int]]]:
+    """Per name, (median µs of one call, calls): the model thread's top-level CPU ops, and every GPU kernel."""
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
+        kernels = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    for kind, events in (("op", top_level_ops(path)), ("kernel", kernels)):
+        by_name: dict[str, list[float]] = collections.defaultdict(list)
+        for e in events:
+            by_name[e["name"]].append(e["dur"])
+        out[kind] = {n: (statistics.median(d), len(d)) for n, d in by_name.items()}
+    return out
+
+
+def compare(first: str, second: str, top: int = 12) -> list[tuple[str, str, float, float, float]]:
+    """(kind, name, median µs in first, in second, first ÷ second) for the names both ran, most called first."""
+    a, b = median_durations(first), median_durations(second)
+    rows = []
+    for kind in ("op", "kernel"):
+        shared = sorted(set(a[kind]) & set(b[kind]), key=lambda n: -min(a[kind][n][1], b[kind][n][1]))[:top]
+        rows += [(kind, n, a[kind][n][0], b[kind][n][0], a[kind][n][0] / b[kind][n][0] if b[kind][n][0] else
+                  float("inf")) for n in shared]
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("timelines", nargs="+")
     p.add_argument("--layers-per-step", type=int, default=6)
     p.add_argument("--steps", type=int, default=4, help="decode steps at the end of each run to report")
+    p.add_argument("--compare", action="store_true", help="two timelines: per-call medians of shared ops/kernels")
     a = p.parse_args()
+    if a.compare and len(a.timelines) != 2:
+        p.error("--compare takes exactly two timelines (e.g. zipmoe's, then plain transformers')")
     for path in a.timelines:
         s = summarize(path, a.layers_per_step * a.steps)
         print(f"{path}: {s['layers']} layers; per layer (median): wall {s['wall_ms']:.2f} ms, inside ops "
               f"{s['in_ops_ms']:.2f} ms, outside {s['outside_ops_ms']:.2f} ms, {s['ops_per_layer']:.0f} ops")
         for name, ms in s["top_ops_ms"]:
             print(f"    {ms:7.3f} ms  {name}")
+    if a.compare:
+        print(f"per call, median µs: {a.timelines[0]} | {a.timelines[1]} | ratio")
+        for kind, name, x, y, r in compare(*a.timelines):
+            print(f"  {kind:6s} {x:9.1f} {y:9.1f} {r:6.2f}×  {name[:90]}")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,35 @@ def test_timeline_gaps_splits_each_layer_into_op_time_and_the_rest(tmp_path):
     assert out["wall_ms"] == pytest.approx(1.0) and out["in_ops_ms"] == pytest.approx(0.3)  # to the next attention
     assert out["outside_ops_ms"] == pytest.approx(0.7)
     assert dict(out["top_ops_ms"])["aten::linear"] == pytest.approx(0.2) and "aten::mm" not in dict(out["top_ops_ms"])
+
+
+def test_timeline_compare_gives_per_call_medians_of_what_both_ran(tmp_path):
+    """--compare: the same op or kernel, one call's median duration in each timeline and their ratio."""
+    import gzip
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "timeline_gaps", Path(__file__).resolve().parents[2] / "scripts" / "timeline_gaps.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    paths = []
+    for name, scale in (("ours", 2.0), ("ref", 1.0)):
+        events = []
+        for i in range(3):
+            t = i * 1000
+            events += [{"ph": "X", "cat": "cpu_op", "tid": 1, "name": "aten::scaled_dot_product_attention",
+                        "ts": t, "dur": 50 * scale},
+                       {"ph": "X", "cat": "cpu_op", "tid": 1, "name": "aten::mul", "ts": t + 100, "dur": 10 * scale},
+                       {"ph": "X", "cat": "kernel", "tid": 7, "name": "flash_fprop", "ts": t + 60, "dur": 4.0 + i}]
+        if name == "ours":
+            events.append({"ph": "X", "cat": "cpu_op", "tid": 1, "name": "aten::only_ours", "ts": 5000, "dur": 1})
+        path = tmp_path / f"{name}.json.gz"
+        with gzip.open(path, "wt") as f:
+            json.dump({"traceEvents": events}, f)
+        paths.append(str(path))
+    rows = {(kind, n): (x, y, r) for kind, n, x, y, r in tool.compare(*paths)}
+    assert set(rows) == {("op", "aten::scaled_dot_product_attention"), ("op", "aten::mul"), ("kernel", "flash_fprop")}
+    assert rows[("op", "aten::mul")] == (20.0, 10.0, 2.0)
+    assert rows[("kernel", "flash_fprop")] == (5.0, 5.0, 1.0)  # the median of 4, 5, 6 in both
