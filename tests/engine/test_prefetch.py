@@ -38,6 +38,8 @@ def test_prefetch_on_off_identical(converted):
     for prefetch in (False, True):
         model = load(store, memory_budget=budget, workers=2, prefetch=prefetch, preload=False)  # cold: misses
         try:
+            if prefetch:
+                settle_prefetch(model.zipmoe_engine)
             out = model.generate(input_ids=ids, **gen)
             assert torch.equal(out.sequences, want.sequences), f"prefetch={prefetch}: tokens differ"
             for step, (a, b) in enumerate(zip(out.logits, want.logits, strict=True)):
@@ -53,6 +55,19 @@ def test_prefetch_on_off_identical(converted):
                 assert engine.prefetcher is None and engine.hint is None
         finally:
             unload(model)
+
+
+def settle_prefetch(engine) -> None:
+    """Let every hinted read finish before the next hint (which drops the reads still queued): what is
+    prefetched, and so what the cache holds afterwards, then no longer depends on thread timing, and the
+    prefetched-decode path is met on every run, not on lucky ones (a full-suite run once met it 0 times)."""
+    prefetcher, hint = engine.prefetcher, engine.hint
+
+    def settled_hint(layer: int, experts: list[int]) -> None:
+        assert prefetcher.wait_idle(timeout_s=30), "a prefetch read did not finish in 30 s"
+        hint(layer, experts)
+
+    engine.hint = settled_hint
 
 
 def _assert_cache_holds_the_stored_planes(engine) -> None:

@@ -118,6 +118,13 @@ class Prefetcher:
             self._done = {k: v for k, v in self._done.items() if k.layer != layer}
         return got
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no read is queued or in flight (False if timeout_s passes first). For tests that need
+        every hinted read done before the next layer, so what a run prefetches does not depend on thread
+        timing. Reads wait for disk_free(): call it once the current layer's own reads are done."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._stop or not (self._jobs or self._busy), timeout_s)
+
     def close(self) -> None:
         with self._cv:
             self._stop = True
