@@ -58,16 +58,21 @@ def test_prefetch_on_off_identical(converted):
 
 
 def settle_prefetch(engine) -> None:
-    """Let every hinted read finish before the next hint (which drops the reads still queued): what is
-    prefetched, and so what the cache holds afterwards, then no longer depends on thread timing, and the
-    prefetched-decode path is met on every run, not on lucky ones (a full-suite run once met it 0 times)."""
-    prefetcher, hint = engine.prefetcher, engine.hint
+    """Let every hinted read finish before the next hint (which drops the reads still queued) and before
+    its layer collects (the last MoE layer hints nothing): what is prefetched, and so what the cache holds
+    afterwards, then no longer depends on thread timing, and the prefetched-decode path is met on every run,
+    not on lucky ones (full-suite runs met it 0 times, about one in eight)."""
+    prefetcher, hint, collect = engine.prefetcher, engine.hint, engine._collect
 
     def settled_hint(layer: int, experts: list[int]) -> None:
         assert prefetcher.wait_idle(timeout_s=30), "a prefetch read did not finish in 30 s"
         hint(layer, experts)
 
-    engine.hint = settled_hint
+    def settled_collect(layer: int, keys: list) -> dict:
+        assert prefetcher.wait_idle(timeout_s=30, layer=layer), f"layer {layer}'s prefetch reads did not finish"
+        return collect(layer, keys)
+
+    engine.hint, engine._collect = settled_hint, settled_collect
 
 
 def _assert_cache_holds_the_stored_planes(engine) -> None:

@@ -118,12 +118,17 @@ class Prefetcher:
             self._done = {k: v for k, v in self._done.items() if k.layer != layer}
         return got
 
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Block until no read is queued or in flight (False if timeout_s passes first). For tests that need
-        every hinted read done before the next layer, so what a run prefetches does not depend on thread
-        timing. Reads wait for disk_free(): call it once the current layer's own reads are done."""
+    def wait_idle(self, timeout_s: float, layer: int | None = None) -> bool:
+        """Block until no read (for `layer`, or any) is queued or in flight; False if timeout_s passes first.
+        For tests that need every hinted read done before its layer, so what a run prefetches does not
+        depend on thread timing. Reads wait for disk_free(): do not wait for reads that must follow the
+        current layer's own."""
+        def idle() -> bool:
+            busy = self._busy and (layer is None or (self._inflight is not None and self._inflight.layer == layer))
+            return self._stop or not (busy or any(layer is None or j[0] == layer for j in self._jobs))
+
         with self._cv:
-            return self._cv.wait_for(lambda: self._stop or not (self._jobs or self._busy), timeout_s)
+            return self._cv.wait_for(idle, timeout_s)
 
     def close(self) -> None:
         with self._cv:
