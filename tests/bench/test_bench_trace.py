@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -81,17 +85,18 @@ def test_trace_summary_splits_the_gaps_by_whose_code_ran():
     assert stale["experts_tail_ms"] is None
 
 
-def test_timeline_gaps_splits_each_layer_into_op_time_and_the_rest(tmp_path):
-    """scripts/timeline_gaps.py on a timeline of two threads: nested ops count once, the other thread not."""
-    import gzip
-    import importlib.util
-    import json
-    from pathlib import Path
-
+def _timeline_tool():
+    """scripts/timeline_gaps.py, imported from its path (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location(
         "timeline_gaps", Path(__file__).resolve().parents[2] / "scripts" / "timeline_gaps.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_timeline_gaps_splits_each_layer_into_op_time_and_the_rest(tmp_path):
+    """scripts/timeline_gaps.py on a timeline of two threads: nested ops count once, the other thread not."""
+    tool = _timeline_tool()
     events = []
     for layer in range(3):  # layer windows of 1000 µs: attention 100 µs, a linear of 200 µs holding a nested mm
         t = layer * 1000
@@ -114,15 +119,7 @@ def test_timeline_gaps_splits_each_layer_into_op_time_and_the_rest(tmp_path):
 
 def test_timeline_compare_gives_per_call_medians_of_what_both_ran(tmp_path):
     """--compare: the same op or kernel, one call's median duration in each timeline and their ratio."""
-    import gzip
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "timeline_gaps", Path(__file__).resolve().parents[2] / "scripts" / "timeline_gaps.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _timeline_tool()
     paths = []
     for name, scale in (("ours", 2.0), ("ref", 1.0)):
         events = []
