@@ -300,13 +300,12 @@ class Engine:
         else:
             load.e_buf = t.e if t.e is not None else st.e.views[slot]
         load.slot = slot
+        if self._cuda:
+            self._copied[slot].synchronize()  # the previous wave's H2D from this slot's host buffers is done
         if self.late_merge:  # workers write exponents here; TorchMerge writes the expert into `out`
-            if self._cuda:
-                self._copied[slot].synchronize()  # the previous wave's H2D from this slot's planes is done
             load.exp = st.exp.views[slot][: load.entry.numel]  # the workers' numpy view; TorchMerge reads _exp_rows
             load.out = t.full if t.full is not None else st.full.views[slot]
         elif self._cuda:
-            self._copied[slot].synchronize()  # the previous wave's H2D from this slot is done
             load.out_u16 = self._host_u16[slot]
             load.out = t.full if t.full is not None else st.full.views[slot]
         elif t.full is not None:
