@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--layers-per-step", type=int, default=6)
     p.add_argument("--steps", type=int, default=4, help="decode steps at the end of each run to report")
     p.add_argument("--compare", action="store_true", help="two timelines: per-call medians of shared ops/kernels")
+    p.add_argument("--top", type=int, default=12, help="--compare: ops and kernels listed, most called first")
     a = p.parse_args()
     if a.compare and len(a.timelines) != 2:
         p.error("--compare takes exactly two timelines (e.g. zipmoe's, then plain transformers')")
@@ -108,7 +109,7 @@ def main() -> None:
             print(f"    {ms:7.3f} ms  {name}")
     if a.compare:
         print(f"per call, median µs: {a.timelines[0]} | {a.timelines[1]} | ratio")
-        for kind, name, x, y, r in compare(*a.timelines):
+        for kind, name, x, y, r in compare(*a.timelines, top=a.top):
             print(f"  {kind:6s} {x:9.1f} {y:9.1f} {r:6.2f}×  {name[:90]}")
 
 
