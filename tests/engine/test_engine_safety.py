@@ -327,6 +327,39 @@ def test_a_layer_waits_for_a_prefetch_read_in_flight_only_if_it_needs_that_exper
             pf.close()
 
 
+def test_two_prefetch_reads_run_at_once_and_a_layer_waits_only_for_the_one_it_needs(store):
+    """Two read threads (so the disk does not idle while one waits for the GIL after its syscall): both
+    hinted experts are in flight together; the layer awaits the one it needs and calls off the other."""
+    import time
+
+    from zipmoe.engine.prefetch import Prefetcher
+
+    with StoreReader(store) as reader:
+        a, b = ExpertKey(1, 5), ExpertKey(1, 6)
+        read, started = reader.read_sm_into, []
+
+        def slow(entry, buf, **kwargs):
+            started.append(entry.key)
+            time.sleep(0.4)
+            return read(entry, buf, **kwargs)
+
+        reader.read_sm_into = slow
+        pf = Prefetcher(reader, 2, 1 << 20, 1 << 20, pinned=False)
+        try:
+            pf.hint(1, [a, b])
+            pf.disk_free()
+            time.sleep(0.1)
+            assert sorted(started) == [a, b], "the second hinted read did not start beside the first"
+            t0 = time.perf_counter()
+            got = pf.collect(1, [b])
+            assert time.perf_counter() - t0 > 0.15 and set(got) == {b}  # b awaited and served
+            assert pf.wait_idle(2.0)
+            assert (pf.counters.read, pf.counters.discarded) == (1, 1)  # a called off, counted as wasted
+        finally:
+            pf.close()
+    assert not any(t.name.startswith("zipmoe-prefetch") for t in threading.enumerate()), "close left threads"
+
+
 def test_unbounded_budget_with_prefetch_still_keeps_every_expert_decoded(store):
     model = load(store, memory_budget=None, prefetch=True, workers=2)
     try:

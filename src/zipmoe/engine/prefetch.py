@@ -4,13 +4,16 @@ disk would otherwise idle (the current layer's decode tail, merge, copies and co
 Arrow: models/compute hints (next layer, predicted experts) → Prefetcher thread reads their SM plane
 and E region (checksummed) into its own slots → the engine collects them at the next layer and
 decodes them like C-state experts. Predictions never change outputs: a prefetched plane is the same
-verified bytes a normal read would bring. Threads: one "zipmoe-prefetch" thread reads; the compute
-thread hints, collects and marks the layer's own reads done. A misprediction costs at most one part
-(READ_PART) of the read in flight when the next layer starts: the layer waits for that read only if it
-needs the expert, else the read stops at its next part boundary, so it does not share the disk with the
-layer's own reads for long; queued reads are dropped. Every byte the thread reads is counted, kept or not.
-Slots come in two sets used by alternate hints, so a set being decoded by layer l+1 is never
-overwritten by the reads for layer l+2. Sizes in bytes.
+verified bytes a normal read would bring. Threads: READ_THREADS "zipmoe-prefetch-i" threads read, one
+expert each at a time; the compute thread hints, collects and marks the layer's own reads done. Two,
+because a read thread that returns from its syscall while the compute thread runs Python waits for the
+GIL before it can start the next part: with one thread the disk idles for that wait after every part
+(scripts/gil_reads.py measures it; BENCHMARKS.md, tenth session).
+A misprediction costs at most one part (READ_PART) of each read in flight when the next layer starts:
+the layer waits for those reads only if it needs their experts, else they stop at their next part
+boundary, so they do not share the disk with the layer's own reads for long; queued reads are dropped.
+Every byte the threads read is counted, kept or not. Slots come in two sets used by alternate hints,
+so a set being decoded by layer l+1 is never overwritten by the reads for layer l+2. Sizes in bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ from zipmoe.types import ExpertKey
 # takes. scripts/disk_probe.py on the device (BENCHMARKS.md, fifth session): one O_DIRECT stream reads
 # 4 MiB at 2.10 GB/s, 8 MiB at 2.16.
 READ_PART = 4 << 20
+READ_THREADS = 2
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One read in flight: its expert, slot, the fill of the slot set it was queued under, and whether it
+    was called off (its layer started without needing it)."""
+
+    key: ExpertKey
+    slot: int
+    fill: int
+    drop: bool = False
 
 
 @dataclass
@@ -54,7 +69,7 @@ class Prefetcher:
     """See the module docstring. `slots` experts per set; two sets; pinned host memory on CUDA."""
 
     def __init__(self, reader: StoreReader, slots: int, sm_stride: int, e_stride: int, pinned: bool,
-                 part: int = READ_PART):
+                 part: int = READ_PART, threads: int = READ_THREADS):
         self.reader, self.slots, self.part = reader, slots, part
         self._sm = HostSlab(2 * slots, sm_stride, pinned=pinned)
         self._e = HostSlab(2 * slots, e_stride, pinned=pinned)
@@ -62,16 +77,16 @@ class Prefetcher:
         self._cv = threading.Condition()
         self._jobs: list[tuple[int, ExpertEntry, int]] = []  # (layer, entry, slot) not yet started
         self._done: dict[ExpertKey, tuple[np.ndarray, list[np.ndarray], int]] = {}  # read, not collected
-        self._busy = False  # a read is in flight
-        self._inflight: ExpertKey | None = None  # the expert being read
-        self._drop_inflight = False  # its layer started without needing it: discard the result
+        self._flights: list[_Flight] = []  # reads in flight, one per busy thread
         self._disk_free = True  # the current layer's own reads are done
         self._set = 0
         self._fill = [0, 0]  # per set, bumped when a hint refills it: a read from an older fill is dropped
         self._stop = False
         self.read_spans: list[tuple[float, float, int]] | None = None  # (start, end, bytes) of each read, if set
-        self._thread = threading.Thread(target=self._loop, name="zipmoe-prefetch", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"zipmoe-prefetch-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
 
     @staticmethod
     def nbytes(slots: int, sm_stride: int, e_stride: int) -> int:
@@ -91,7 +106,7 @@ class Prefetcher:
             self._done = {k: v for k, v in self._done.items() if v[2] // self.slots != self._set}
             self._jobs = [(layer, self.reader.entries[k], base + i) for i, k in enumerate(keys)]
             self.counters.hinted += len(keys)
-            self._cv.notify()
+            self._cv.notify_all()
 
     def layer_started(self) -> None:
         """The compute thread's layer is about to read: keep the disk for it."""
@@ -102,17 +117,17 @@ class Prefetcher:
         """The current layer's own reads are done: prefetch may use the disk."""
         with self._cv:
             self._disk_free = True
-            self._cv.notify()
+            self._cv.notify_all()
 
     def collect(self, layer: int, needed: Container[ExpertKey]) -> dict[ExpertKey, tuple[np.ndarray, list[np.ndarray]]]:
         """(SM plane, E region) prefetched for `layer`; its queued reads are dropped; a read in flight is
-        awaited if `needed` has its expert (it is further along than a new read), else left to finish
-        and discarded, so a wrong guess never delays the layer."""
+        awaited if `needed` has its expert (it is further along than a new read), else called off (it
+        stops at its next part and is discarded), so a wrong guess never delays the layer."""
         with self._cv:
             self._jobs = [j for j in self._jobs if j[0] != layer]
-            if self._busy and self._inflight not in needed:
-                self._drop_inflight = True
-            while self._busy and not self._drop_inflight:
+            for f in self._flights:
+                f.drop = f.drop or f.key not in needed
+            while any(not f.drop for f in self._flights):
                 self._cv.wait()
             got = {k: v[:2] for k, v in self._done.items() if k.layer == layer}
             self._done = {k: v for k, v in self._done.items() if k.layer != layer}
@@ -124,7 +139,7 @@ class Prefetcher:
         depend on thread timing. Reads wait for disk_free(): do not wait for reads that must follow the
         current layer's own."""
         def idle() -> bool:
-            busy = self._busy and (layer is None or (self._inflight is not None and self._inflight.layer == layer))
+            busy = any(layer is None or f.key.layer == layer for f in self._flights)
             return self._stop or not (busy or any(layer is None or j[0] == layer for j in self._jobs))
 
         with self._cv:
@@ -133,8 +148,9 @@ class Prefetcher:
     def close(self) -> None:
         with self._cv:
             self._stop = True
-            self._cv.notify()
-        self._thread.join()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
         self._sm.close()
         self._e.close()
 
@@ -148,17 +164,17 @@ class Prefetcher:
                 if self._stop:
                     return
                 _layer, entry, slot = self._jobs.pop(0)
-                fill = self._fill[slot // self.slots]
-                self._busy, self._inflight, self._drop_inflight = True, entry.key, False
+                flight = _Flight(entry.key, slot, self._fill[slot // self.slots])
+                self._flights.append(flight)
             t0 = time.perf_counter()
-            sm, nbytes = self._read(entry, slot, fill)
+            sm, nbytes = self._read(entry, flight)
             spans = self.read_spans  # one read of the attribute: the bench may reset it meanwhile
             if spans is not None:
                 spans.append((t0, time.perf_counter(), nbytes))
             with self._cv:
-                self._busy, self._inflight = False, None
+                self._flights.remove(flight)
                 self.counters.bytes_read += nbytes
-                if sm is not None and not self._unwanted(fill, slot):
+                if sm is not None and not self._unwanted(flight):
                     self._done[entry.key] = (sm, self._e.views[slot][: entry.e_length], slot)  # E: 4 KiB-aligned
                     self.counters.read += 1
                 else:
@@ -166,23 +182,23 @@ class Prefetcher:
                     self.counters.wasted_bytes += nbytes
                 self._cv.notify_all()
 
-    def _unwanted(self, fill: int, slot: int) -> bool:
-        """The read in flight was called off: its layer started without it, its slot set was refilled since,
-        or the prefetcher is closing. Read without the lock between two parts (single attribute reads)."""
-        return self._drop_inflight or self._stop or fill != self._fill[slot // self.slots]
+    def _unwanted(self, flight: _Flight) -> bool:
+        """The read was called off: its layer started without it, its slot set was refilled since, or the
+        prefetcher is closing. Read without the lock between two parts (single attribute reads)."""
+        return flight.drop or self._stop or flight.fill != self._fill[flight.slot // self.slots]
 
-    def _read(self, entry: ExpertEntry, slot: int, fill: int) -> tuple[np.ndarray | None, int]:
-        """(SM plane or None, bytes the disk delivered) of one expert's SM + E read into `slot`, in parts that
+    def _read(self, entry: ExpertEntry, flight: _Flight) -> tuple[np.ndarray | None, int]:
+        """(SM plane or None, bytes the disk delivered) of one expert's SM + E read into its slot, in parts that
         stop once the read is unwanted. None also for a bad chunk: the normal read path reports it when the
         expert is needed."""
         def stop() -> bool:
-            return self._unwanted(fill, slot)
+            return self._unwanted(flight)
 
         done = 0  # bytes of the planes read whole
         try:
-            sm = self.reader.read_sm_into(entry, self._sm.views[slot], part=self.part, stop=stop)
+            sm = self.reader.read_sm_into(entry, self._sm.views[flight.slot], part=self.part, stop=stop)
             done = entry.sm.length
-            self.reader.read_e_into(entry, self._e.views[slot], part=self.part, stop=stop)
+            self.reader.read_e_into(entry, self._e.views[flight.slot], part=self.part, stop=stop)
             return sm, done + entry.e_length
         except ReadStopped as exc:
             return None, done + exc.bytes_read
