@@ -1,7 +1,7 @@
 """Cross-layer prefetch: read the planes of experts the next MoE layer will probably need while the
 disk would otherwise idle (the current layer's decode tail, merge, copies and compute).
 
-Arrow: models/compute hints (next layer, predicted experts) → Prefetcher thread reads their SM plane
+Arrow: models/compute hints (next layer, predicted experts) → Prefetcher threads read their SM plane
 and E region (checksummed) into its own slots → the engine collects them at the next layer and
 decodes them like C-state experts. Predictions never change outputs: a prefetched plane is the same
 verified bytes a normal read would bring. Threads: READ_THREADS "zipmoe-prefetch-i" threads read, one
@@ -66,10 +66,11 @@ class PrefetchCounters:
 
 
 class Prefetcher:
-    """See the module docstring. `slots` experts per set; two sets; pinned host memory on CUDA."""
+    """See the module docstring. `slots` experts per set; two sets; pinned host memory on CUDA; `threads`
+    read threads (default READ_THREADS, read at call time so a benchmark can A/B it)."""
 
     def __init__(self, reader: StoreReader, slots: int, sm_stride: int, e_stride: int, pinned: bool,
-                 part: int = READ_PART, threads: int = READ_THREADS):
+                 part: int = READ_PART, threads: int | None = None):
         self.reader, self.slots, self.part = reader, slots, part
         self._sm = HostSlab(2 * slots, sm_stride, pinned=pinned)
         self._e = HostSlab(2 * slots, e_stride, pinned=pinned)
@@ -84,7 +85,7 @@ class Prefetcher:
         self._stop = False
         self.read_spans: list[tuple[float, float, int]] | None = None  # (start, end, bytes) of each read, if set
         self._threads = [threading.Thread(target=self._loop, name=f"zipmoe-prefetch-{i}", daemon=True)
-                         for i in range(threads)]
+                         for i in range(threads or READ_THREADS)]
         for t in self._threads:
             t.start()
 
