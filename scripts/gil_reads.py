@@ -63,6 +63,7 @@ def main() -> None:
     a = p.parse_args()
     size = a.size_mib << 20
     if not os.path.exists(a.file) or os.path.getsize(a.file) != size:
+        os.makedirs(os.path.dirname(a.file) or ".", exist_ok=True)
         with open(a.file, "wb") as f:
             for _ in range(size >> 24):
                 f.write(os.urandom(1 << 24))
