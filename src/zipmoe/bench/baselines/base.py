@@ -95,7 +95,11 @@ def sampler_for(model: torch.nn.Module, profile: str, seed: int) -> RoutingSampl
 
 
 def hook_routers(model: torch.nn.Module, override: RouterOverride) -> list[torch.utils.hooks.RemovableHandle]:
-    """Replace each router's top-k ids by the override's (the weights stay the router's own)."""
+    """Replace each router's top-k ids by the override's (the weights stay the router's own).
+
+    On CUDA the ids go over from pinned memory without blocking: a pageable `.to(device)` synchronises the
+    stream, which a model's own routing does not do here, so every layer would wait for the kernels queued
+    before it and the wait would show up as the model's code (BENCHMARKS.md, tenth session)."""
     handles = []
     for layer, module in routers(model):
         def hook(mod: torch.nn.Module, args: Any, output: Any, layer: int = layer) -> Any:
@@ -104,7 +108,10 @@ def hook_routers(model: torch.nn.Module, override: RouterOverride) -> list[torch
             if rows == 0 or logits.shape[0] % rows:
                 raise ZipMoEError(f"router of layer {layer} got {logits.shape[0]} tokens for {rows} routed rows")
             ids = override.topk(layer, rows, logits.shape[0] // rows)
-            return logits, weights, torch.from_numpy(ids).to(logits.device)
+            ids_t = torch.from_numpy(ids)
+            if logits.device.type == "cuda":  # the caching host allocator keeps the block until the copy is done
+                return logits, weights, ids_t.pin_memory().to(logits.device, non_blocking=True)
+            return logits, weights, ids_t.to(logits.device)
 
         handles.append(module.register_forward_hook(hook))
     return handles
