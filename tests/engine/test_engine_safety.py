@@ -348,7 +348,9 @@ def test_two_prefetch_reads_run_at_once_and_a_layer_waits_only_for_the_one_it_ne
         try:
             pf.hint(1, [a, b])
             pf.disk_free()
-            time.sleep(0.1)
+            deadline = time.perf_counter() + 0.3  # well inside the first read's 0.4 s
+            while len(started) < 2 and time.perf_counter() < deadline:
+                time.sleep(0.005)
             assert sorted(started) == [a, b], "the second hinted read did not start beside the first"
             t0 = time.perf_counter()
             got = pf.collect(1, [b])
@@ -358,6 +360,56 @@ def test_two_prefetch_reads_run_at_once_and_a_layer_waits_only_for_the_one_it_ne
         finally:
             pf.close()
     assert not any(t.name.startswith("zipmoe-prefetch") for t in threading.enumerate()), "close left threads"
+
+
+def test_a_called_off_read_still_writing_its_slot_keeps_a_later_read_out_of_it(store):
+    """Hints reuse slots. A read called off while it still writes slot X must not share X with the read a
+    later hint put there: its late bytes would land over planes that were already checked (found in review
+    of the two-thread prefetcher). The later read waits for the old one to stop, and is served intact."""
+    import time
+
+    import numpy as np
+
+    from zipmoe.engine.prefetch import Prefetcher
+
+    with StoreReader(store) as reader:
+        a, c, d = ExpertKey(1, 5), ExpertKey(0, 1), ExpertKey(1, 2)
+        read, writing, overlaps = reader.read_sm_into, {}, []
+
+        def tracked(entry, buf, **kwargs):
+            if entry.key == a:
+                time.sleep(0.5)  # a stalls before its first part (a GIL wait, a slow disk)
+            addr = buf.ctypes.data
+            if addr in writing:
+                overlaps.append((writing[addr], entry.key))
+            writing[addr] = entry.key
+            try:
+                return read(entry, buf, **kwargs)
+            finally:
+                writing.pop(addr, None)
+
+        reader.read_sm_into = tracked
+        pf = Prefetcher(reader, 1, 1 << 20, 1 << 20, pinned=False)  # one slot per set: hints 1 and 3 share it
+        try:
+            pf.hint(1, [a])
+            pf.disk_free()
+            time.sleep(0.05)  # a is in flight
+            pf.layer_started()
+            assert pf.collect(1, []) == {}  # layer 1 went on without a: called off
+            pf.hint(0, [c])
+            pf.layer_started()
+            pf.collect(0, [])
+            pf.disk_free()
+            pf.hint(1, [d])  # the set a is still writing
+            pf.layer_started()
+            pf.disk_free()
+            assert pf.wait_idle(5.0)
+            got = pf.collect(1, [d])
+            assert overlaps == [], f"two reads wrote one slot at once: {overlaps}"
+            want = read(reader.entries[d], reader.new_sm_buffer())
+            assert set(got) == {d} and np.array_equal(got[d][0], want)
+        finally:
+            pf.close()
 
 
 def test_unbounded_budget_with_prefetch_still_keeps_every_expert_decoded(store):

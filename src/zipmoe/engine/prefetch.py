@@ -55,7 +55,7 @@ class PrefetchCounters:
     read: int = 0  # of those, read before the layer came
     used: int = 0  # read and then needed by that layer (correct predictions that saved a read)
     missed: int = 0  # needed loads of hinted layers that no prefetch covered
-    bytes_read: int = 0  # every byte the prefetch thread read, kept or not (in the engine's bytes read)
+    bytes_read: int = 0  # every byte the read threads read, kept or not (in the engine's bytes read)
     discarded: int = 0  # reads (finished or called off) whose planes were not kept
     wasted_bytes: int = 0  # the bytes of those
 
@@ -71,6 +71,9 @@ class Prefetcher:
 
     def __init__(self, reader: StoreReader, slots: int, sm_stride: int, e_stride: int, pinned: bool,
                  part: int = READ_PART, threads: int | None = None):
+        n_threads = READ_THREADS if threads is None else threads
+        if n_threads < 1:
+            raise ValueError(f"a prefetcher needs at least one read thread, got threads={threads}")
         self.reader, self.slots, self.part = reader, slots, part
         self._sm = HostSlab(2 * slots, sm_stride, pinned=pinned)
         self._e = HostSlab(2 * slots, e_stride, pinned=pinned)
@@ -85,7 +88,7 @@ class Prefetcher:
         self._stop = False
         self.read_spans: list[tuple[float, float, int]] | None = None  # (start, end, bytes) of each read, if set
         self._threads = [threading.Thread(target=self._loop, name=f"zipmoe-prefetch-{i}", daemon=True)
-                         for i in range(threads or READ_THREADS)]
+                         for i in range(n_threads)]
         for t in self._threads:
             t.start()
 
@@ -155,16 +158,24 @@ class Prefetcher:
         self._sm.close()
         self._e.close()
 
-    # ---- prefetch thread ----
+    # ---- read threads ----
+
+    def _next_job(self) -> int | None:
+        """Index of the first queued job whose slot no read in flight is writing, or None (caller holds the
+        lock). A called-off read may still be writing its slot after a later hint reused that slot for another
+        expert: starting that job before the old read has stopped would let the old bytes land over planes
+        already checked (one read thread could never overlap itself this way)."""
+        busy = {f.slot for f in self._flights}
+        return next((i for i, job in enumerate(self._jobs) if job[2] not in busy), None)
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not (self._jobs and self._disk_free):
+                while not self._stop and (not self._disk_free or (i := self._next_job()) is None):
                     self._cv.wait()
                 if self._stop:
                     return
-                _layer, entry, slot = self._jobs.pop(0)
+                _layer, entry, slot = self._jobs.pop(i)
                 flight = _Flight(entry.key, slot, self._fill[slot // self.slots])
                 self._flights.append(flight)
             t0 = time.perf_counter()
