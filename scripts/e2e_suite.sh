@@ -9,7 +9,8 @@
 # BATCHES (default "1 16") are the batch sizes measured; "1 4 16" adds batch 4 (not yet timed on the device).
 # SYSTEMS overrides the compared systems (e.g. add zipmoe-fused to A/B load(late_merge=False), the CUDA default
 # being on). Measured at 9b2190d: DeepSeek-V2-Lite in two calls, 463 + 272 s (BENCHMARKS.md, ninth session);
-# the Qwen shape at 4c1bc7a in three, 532 + 447 + 87 s (eighth session).
+# the Qwen shape at 4c1bc7a in three, 532 + 447 + 87 s (eighth session), at c01000d in three, ~450 + 331 + 73 s
+# (tenth session; the first call also ran the GPU suite). Each call's start costs a ~30 s process warm-up.
 set -euo pipefail
 case "${1:-}" in
   qwen|deepseek) names=("$1") ;;
