@@ -21,10 +21,10 @@ def test_engine_bench_runs_every_row_under_one_budget(tmp_path: Path) -> None:
     runs = {(r["system"], r["batch"]): r for r in result["runs"]}
     assert set(runs) == {(s, b) for s in SYSTEMS for b in (1, 2)}
     assert len({r["memory_budget"] for r in runs.values()}) == 1  # the same bytes for every system
-    for (system, batch), r in runs.items():
+    for (system, _batch), r in runs.items():
         assert r["bytes_read"] > 0, f"{system}: the budget held every expert; the row measures nothing"
         assert abs(sum(r["hit_rate"].values()) - 1) < 1e-9
-        assert (r.get("trace") is not None) == (batch == 1) and (batch != 1 or r["trace"]["layer_calls"] > 0)
+        assert r["trace"]["layer_calls"] > 0 and r["trace"]["read_union_ms"] is not None  # every batch size
         assert r["tpot_s"] > 0 and r["decode_io_bound_s"] > 0
     for batch in (1, 2):  # compressed experts: more of them cached in the same bytes, fewer bytes per miss
         assert runs[("zipmoe", batch)]["bytes_read"] < runs[("uncompressed-lru", batch)]["bytes_read"]

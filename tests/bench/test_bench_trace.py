@@ -1,4 +1,4 @@
-"""trace_summary: where a batch-1 decode step's time went, from the engine's per-layer trace."""
+"""trace_summary: where a decode step's time went, from the engine's per-layer trace."""
 
 from __future__ import annotations
 

@@ -396,13 +396,17 @@ def test_the_fused_variant_runs_beside_zipmoe_and_the_report_compares_them(suite
     assert "| zipmoe, fused decode |" in text and "zipmoe with fused decode ÷ zipmoe" in text
 
 
-def test_the_report_says_where_the_engine_systems_batch_1_steps_go(suite: Path) -> None:
+def test_the_report_says_where_the_engine_systems_steps_go_at_every_batch_size(suite: Path) -> None:
     runs = report.load_runs(suite)
     lines = report.trace_table(runs)
     rows = [line for line in lines if line.startswith("| zipmoe |") or line.startswith("| uncompressed LRU |")]
-    assert len(rows) == 2, lines  # the engine systems traced their batch-1 runs; the others have no trace
+    # the engine systems traced their runs at batch 1 and 2; the others have no trace
+    assert len(rows) == 4, lines
+    batches = []
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        step, bound, reads = (float(c) for c in cells[2:5])
+        batches.append(cells[2])
+        step, bound, reads = (float(c) for c in cells[3:6])
         assert step > 0 and bound >= 0 and 0 <= reads <= step * 1.05  # reads in flight fit in the step
-    assert "Where a batch-1 decode step goes" in report.markdown(runs)
+    assert sorted(batches) == ["1", "1", "2", "2"]
+    assert "Where a decode step goes" in report.markdown(runs)

@@ -300,7 +300,7 @@ def run(args) -> dict:
             for batch, new in batches:
                 profiler = cProfile.Profile() if args.profile and batch == 1 else None
                 engine = getattr(model, "zipmoe_engine", None)
-                if engine is not None and args.trace and batch == 1:
+                if engine is not None and args.trace:
                     engine.trace = []
                     if engine.prefetcher is not None:
                         engine.prefetcher.read_spans = []
@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-reference", action="store_true", help="do not run plain transformers (CUDA) at the end")
     p.add_argument("--warm-shapes", type=int, choices=(0, 1), default=1,
                    help="first run every measured shape once untimed (CUDA attention builds a graph per shape)")
-    p.add_argument("--trace", action="store_true", help="record where batch-1 decode time goes (per-layer medians)")
+    p.add_argument("--trace", action="store_true",
+                   help="record where decode time goes (per-layer medians; every batch size)")
     p.add_argument("--profile", default=None, help="directory for cProfile reports of the batch-1 runs")
     p.add_argument("--torch-profile", default=None,
                    help="directory for torch.profiler op tables (device, host time) and timelines of the batch-1 runs")

@@ -248,7 +248,8 @@ def nonfinite_paths(obj: Any, path: str = "") -> list[str]:
 
 
 def trace_summary(trace: list, layers_per_step: int, prefetch_spans: Sequence[tuple[float, ...]] = ()) -> dict:
-    """Where a batch-1 run's decode-step time went, from Engine.trace (prefill's layer calls skipped):
+    """Where a run's decode-step time went, from Engine.trace (prefill's layer calls skipped; at any batch size:
+    a layer call's reads are those of all its waves):
     medians per MoE layer call in ms. `before_first_read`: from the layer asking for its experts to its
     first read (lookup, planning, thread hand-off); `read_union`: time some read of the layer was in
     flight; `after_last_read`: last read done → layer done (decode tail, H2D copy, compute of the last

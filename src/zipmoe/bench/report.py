@@ -138,7 +138,7 @@ def targets(rs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-# (trace_summary key, column): where a batch-1 decode step of an engine system went, ms per step
+# (trace_summary key, column): where a decode step of an engine system went, ms per step
 TRACE_COLUMNS = (("read_union_ms_sum_per_step", "reads in flight"), ("after_last_read_ms_sum_per_step",
                  "after the last read"), ("model_between_ms_sum_per_step", "model's code between layers"),
                  ("experts_tail_ms_sum_per_step", "our tail"), ("experts_head_ms_sum_per_step", "our head"),
@@ -147,11 +147,11 @@ TRACE_COLUMNS = (("read_union_ms_sum_per_step", "reads in flight"), ("after_last
 
 
 def trace_table(runs: list[dict[str, Any]]) -> list[str]:
-    """Per engine run at batch 1: medians over prompts of the trace's per-step sums (bench/metrics.py
+    """Per engine run and batch size: medians over its batches of the trace's per-step sums (bench/metrics.py
     trace_summary) beside the step's I/O bound; [] when no run recorded a trace."""
     lines = []
-    for doc in runs:
-        recs = [r for r in doc.get("batches", {}).get("1", {}).get("records", []) if r.get("trace")]
+    for doc, batch in ((d, b) for d in runs for b in sorted(d.get("batches", {}), key=int)):
+        recs = [r for r in doc["batches"][batch].get("records", []) if r.get("trace")]
         if not recs:
             continue
         cells = []
@@ -160,15 +160,15 @@ def trace_table(runs: list[dict[str, Any]]) -> list[str]:
             cells.append(_f(statistics.median(vals) if vals else None, "{:.1f}"))
         tpot = statistics.median(r["tpot_s"] for r in recs) * 1e3
         bound = [r["tpot_io_bound_s"] for r in recs if r.get("tpot_io_bound_s")]
-        lines.append(f"| {doc.get('label', doc['system'])} | {_budget(doc.get('budget_frac'))} | {tpot:.1f} "
+        lines.append(f"| {doc.get('label', doc['system'])} | {_budget(doc.get('budget_frac'))} | {batch} | {tpot:.1f} "
                      f"| {_f(statistics.median(bound) * 1e3 if bound else None, '{:.1f}')} | " + " | ".join(cells)
                      + " |")
     if not lines:
         return []
-    head = "| system | budget | step ms | I/O bound ms | " + " | ".join(c for _, c in TRACE_COLUMNS) + " |"
-    return ["Where a batch-1 decode step goes (engine trace, ms per step, medians over prompts; the gap between "
-            "layers is the model's code + our tail + our head):", "", head, "|" + "---|" * (head.count("|") - 1),
-            *lines, ""]
+    head = "| system | budget | batch | step ms | I/O bound ms | " + " | ".join(c for _, c in TRACE_COLUMNS) + " |"
+    return ["Where a decode step goes (engine trace, ms per step, medians over a batch size's generate() calls; "
+            "the gap between layers is the model's code + our tail + our head):", "", head,
+            "|" + "---|" * (head.count("|") - 1), *lines, ""]
 
 
 def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:

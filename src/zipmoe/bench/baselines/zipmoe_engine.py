@@ -66,9 +66,9 @@ class ZipMoESystem(HFSystem):
         return model
 
     def run(self, prompts: list, new_tokens: int, deadline: float | None = None) -> dict[str, Any]:
-        """The base run, plus where its batch-1 decode steps went (Engine.trace, bench/metrics.py)."""
+        """The base run, plus where its decode steps went (Engine.trace, bench/metrics.py)."""
         engine = self.model.zipmoe_engine
-        engine.trace = [] if len(prompts) == 1 else None
+        engine.trace = []
         try:
             rec = super().run(prompts, new_tokens, deadline)
             if engine.trace:
