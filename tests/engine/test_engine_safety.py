@@ -377,12 +377,12 @@ def test_a_called_off_read_still_writing_its_slot_keeps_a_later_read_out_of_it(s
         read, writing, overlaps = reader.read_sm_into, {}, []
 
         def tracked(entry, buf, **kwargs):
-            if entry.key == a:
-                time.sleep(0.5)  # a stalls before its first part (a GIL wait, a slow disk)
             addr = buf.ctypes.data
             if addr in writing:
                 overlaps.append((writing[addr], entry.key))
             writing[addr] = entry.key
+            if entry.key == a:
+                time.sleep(0.5)  # a holds its slot, stalled before its first part (a GIL wait, a slow disk)
             try:
                 return read(entry, buf, **kwargs)
             finally:
