@@ -13,7 +13,9 @@ from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 from zipmoe.codec import merge_into, split_bf16
 from zipmoe.convert import convert
-from zipmoe.engine.late_merge import TorchMerge
+from zipmoe.engine import late_merge
+from zipmoe.engine.late_merge import TorchMerge, TritonMerge, merge_class
+from zipmoe.errors import ZipMoEError
 from zipmoe.models.load import load, unload
 from zipmoe.scheduler import CostModel
 from zipmoe.scheduler.model import Kind, build_jobs
@@ -21,10 +23,14 @@ from zipmoe.store.reader import StoreReader
 from zipmoe.types import ExpertKey, State
 
 
-def test_torch_merge_matches_the_codec_merge_bit_for_bit():
-    rng = np.random.default_rng(0)
-    bits = rng.integers(0, 1 << 16, size=50_001, dtype=np.uint16)
+def _special_bits(size: int) -> np.ndarray:
+    bits = np.random.default_rng(0).integers(0, 1 << 16, size=size, dtype=np.uint16)
     bits[:8] = [0, 0x8000, 0x7F80, 0xFF80, 0x7FC1, 0x0001, 0x8001, 0xFFFF]  # ±0, ±inf, NaN, denormals, all ones
+    return bits
+
+
+def test_torch_merge_matches_the_codec_merge_bit_for_bit():
+    bits = _special_bits(50_001)
     sm, exp = split_bf16(bits)
     want = np.empty_like(bits)
     merge_into(sm, exp, want)
@@ -35,6 +41,37 @@ def test_torch_merge_matches_the_codec_merge_bit_for_bit():
     assert np.array_equal(want, bits)
     merge(torch.from_numpy(sm), torch.from_numpy(exp), out)  # the scratch is reused: same bits again
     assert np.array_equal(out.view(torch.int16).numpy().view(np.uint16), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_the_triton_merge_is_chosen_on_cuda_and_matches_the_codec_bit_for_bit():
+    """The CUDA default: if Triton is missing or broken here, this fails instead of quietly timing TorchMerge."""
+    assert merge_class(True) is TritonMerge
+    bits = _special_bits(3 * 4096 + 17)  # several blocks and a ragged tail
+    sm, exp = split_bf16(bits)
+    merge = TritonMerge(bits.size + 100, torch.device("cuda"))  # scratch longer than the expert
+    out = torch.full((bits.size,), -1, dtype=torch.int16, device="cuda").view(torch.bfloat16)
+    for host in (torch.from_numpy(sm).pin_memory(), torch.from_numpy(sm)):
+        merge(host, torch.from_numpy(exp).pin_memory(), out)
+        assert np.array_equal(out.view(torch.int16).cpu().numpy().view(np.uint16), bits)
+        out.view(torch.int16).fill_(-1)
+
+
+def test_the_merge_kernel_setting_picks_torch_byte_ops_and_rejects_a_typo(monkeypatch):
+    assert merge_class(False) is TorchMerge  # a CPU never uses Triton
+    monkeypatch.setattr(late_merge, "MERGE_KERNEL", "torch")
+    assert merge_class(True) is TorchMerge
+    monkeypatch.setattr(late_merge, "MERGE_KERNEL", "auto")
+
+    def no_triton():
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(late_merge, "_triton_kernel", no_triton)
+    assert merge_class(True) is TorchMerge  # CUDA without Triton: torch byte ops, not an error
+    monkeypatch.setattr(late_merge, "MERGE_KERNEL", "trition")
+    with pytest.raises(ZipMoEError, match="ZIPMOE_MERGE_KERNEL='trition'"):
+        merge_class(False)
 
 
 def test_a_late_merged_miss_decodes_without_waiting_for_its_sm_read():

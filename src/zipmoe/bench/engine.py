@@ -37,7 +37,7 @@ from zipmoe.bench.routing import RoutingSampler
 from zipmoe.bench.synth import build_synthetic
 from zipmoe.cache import entry_bytes
 from zipmoe.convert import convert
-from zipmoe.engine import gil, prefetch
+from zipmoe.engine import gil, late_merge, prefetch
 from zipmoe.engine.metrics import EngineStats, StepClock
 from zipmoe.models.compute import PREFETCH_MAX_TOKENS
 from zipmoe.models.load import load, unload
@@ -53,6 +53,7 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-prefetch": {"prefetch": True},
     "zipmoe-fused": {"late_merge": False},  # workers decode and merge each expert (the default on CPU, not on CUDA)
     "zipmoe-fused-prefetch": {"late_merge": False, "prefetch": True},
+    "zipmoe-torchmerge": {"merge_kernel": "torch"},  # late merge as nine torch byte ops (before session 11)
     "zipmoe-prefetch-1reader": {"prefetch": True, "prefetch_read_threads": 1},  # one read thread (before session 10)
     "zipmoe-4pools": {"pool_split": (0.25, 0.25, 0.25, 0.25)},  # the paper's "+ four pools" row: F/C/S/E, no planning
     "zipmoe-planned": {"planning": True},
@@ -274,12 +275,13 @@ def run(args) -> dict:
             stats_path(store).unlink(missing_ok=True)  # statistics an earlier row saved next to the store
         switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)
         readers = extra.pop("prefetch_read_threads", prefetch.READ_THREADS)
-        saved = gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS
-        gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS = switch, readers
+        kernel = extra.pop("merge_kernel", late_merge.MERGE_KERNEL)
+        saved = gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS, late_merge.MERGE_KERNEL
+        gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS, late_merge.MERGE_KERNEL = switch, readers, kernel
         try:
             model = load(store, device=args.device, memory_budget=budget, **{"workers": args.workers, **extra})
         finally:
-            gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS = saved
+            gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS, late_merge.MERGE_KERNEL = saved
         hook_routers(model, override)
         return model, extra
 

@@ -22,7 +22,7 @@ from zipmoe.cache import ExpertCache
 from zipmoe.cache.staging import staging_nbytes
 from zipmoe.codec.coders.base import ExponentCoder
 from zipmoe.engine.gil import restore_switch_interval, shorten_switch_interval
-from zipmoe.engine.late_merge import TorchMerge
+from zipmoe.engine.late_merge import TorchMerge, TritonMerge, merge_class
 from zipmoe.engine.metrics import EngineStats, log
 from zipmoe.engine.planning import PlannedPools
 from zipmoe.engine.prefetch import Prefetcher
@@ -170,12 +170,13 @@ class Engine:
         self.late_merge = late_merge
         self.staging = cache.staging(staging_slots, exp=late_merge)  # fused loads need no exponent planes
         self._cuda = device.type == "cuda"
-        self._merge: TorchMerge | None = None
+        self._merge: TorchMerge | TritonMerge | None = None
         self._exp_rows: list[torch.Tensor] = []  # late merge: torch views of the staging exponent planes
         if late_merge:  # its scratch planes on the compute device
-            cache.budget.reserve("staging.late_merge", TorchMerge.SCRATCH_PLANES * cache.numel)
+            merge = merge_class(self._cuda)
+            cache.budget.reserve("staging.late_merge", merge.SCRATCH_PLANES * cache.numel)
             try:
-                self._merge = TorchMerge(cache.numel, device)
+                self._merge = merge(cache.numel, device)
                 self._exp_rows = [row[: cache.numel] for row in self.staging.exp.tensors]  # made once, per slot
             except BaseException:
                 cache.budget.release("staging.late_merge")
@@ -205,10 +206,10 @@ class Engine:
     @staticmethod
     def staging_bytes(slots: int, numel: int, sm_stride: int, e_stride: int, cuda: bool, late_merge: bool) -> int:
         """Bytes of the budget an engine's staging takes (what __init__ reserves): read buffers and outputs per
-        slot, plus exponent planes and TorchMerge's scratch with late_merge, or pinned BF16 rows on CUDA."""
+        slot, plus exponent planes and the merge's scratch with late_merge, or pinned BF16 rows on CUDA."""
         nbytes = staging_nbytes(slots, numel, sm_stride, e_stride, exp=late_merge)
         if late_merge:
-            return nbytes + TorchMerge.SCRATCH_PLANES * numel
+            return nbytes + merge_class(cuda).SCRATCH_PLANES * numel
         return nbytes + (slots * 2 * numel if cuda else 0)
 
     # ---- ExpertSource ----
@@ -302,8 +303,8 @@ class Engine:
         load.slot = slot
         if self._cuda:
             self._copied[slot].synchronize()  # the previous wave's H2D from this slot's host buffers is done
-        if self.late_merge:  # workers write exponents here; TorchMerge writes the expert into `out`
-            load.exp = st.exp.views[slot][: load.entry.numel]  # the workers' numpy view; TorchMerge reads _exp_rows
+        if self.late_merge:  # workers write exponents here; the late merge writes the expert into `out`
+            load.exp = st.exp.views[slot][: load.entry.numel]  # the workers' numpy view; the merge reads _exp_rows
             load.out = t.full if t.full is not None else st.full.views[slot]
         elif self._cuda:
             load.out_u16 = self._host_u16[slot]

@@ -3,17 +3,29 @@ the compute device once both are in, so the decode workers write exponents only 
 while its SM plane is still being read (the fused path's shards must wait for that read: a K-way decode tail
 after a layer's last read). The oracle is codec.merge_into; this is the same bit layout as torch byte ops. On a
 CPU the merge runs on the compute thread, unpriced by the plan (a dozen byte passes, several times
-codec.merge_into's time: BENCHMARKS.md, eighth session): there it is for testing the path a GPU runs; a GPU's
-merge is a few elementwise kernels.
+codec.merge_into's time: BENCHMARKS.md, eighth session): there it is for testing the path a GPU runs. On CUDA
+the merge is one Triton kernel (TritonMerge) where Triton is installed: TorchMerge's nine byte ops cost the
+compute thread nine launches per expert (~10 µs of Python each, holding the GIL the loader threads need), the
+kernel one. TritonMerge checks itself against the codec's oracle on every 16-bit pattern before it is used.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
+import numpy as np
 import torch
 
+from zipmoe.codec.planes import merge_reference, split_bf16
 from zipmoe.errors import ZipMoEError
+
+log = logging.getLogger(__name__)
+
+# "auto": TritonMerge on CUDA where Triton imports and passes its self-check, else TorchMerge; "torch": always
+# TorchMerge (the bench's A/B row). ZIPMOE_MERGE_KERNEL sets it for a process.
+MERGE_KERNEL = os.environ.get("ZIPMOE_MERGE_KERNEL", "auto")
 
 
 class TorchMerge:
@@ -45,3 +57,75 @@ class TorchMerge:
         lo = pair[:, 0]
         lo.copy_(d_sm)
         lo.bitwise_and_(0x7F).bitwise_or_(d_exp)
+
+
+class TritonMerge:
+    """TorchMerge's recombination as one Triton kernel per expert, after the two H2D plane copies."""
+
+    SCRATCH_PLANES = 2  # the device copies of the SM and exponent planes
+    BLOCK = 4096
+
+    def __init__(self, numel: int, device: torch.device):
+        if sys.byteorder != "little":
+            raise ZipMoEError("late_merge writes little-endian BF16; this machine is big-endian: leave it off")
+        self._kernel = _triton_kernel()
+        self.sm, self.exp = (torch.empty(numel, dtype=torch.uint8, device=device) for _ in range(2))
+        self._self_check(device)
+
+    def __call__(self, sm: torch.Tensor, exp: torch.Tensor, out: torch.Tensor) -> None:
+        """out (any 2-byte dtype, [numel] contiguous) = merge(sm, exp); sm and exp uint8 [numel], host or device."""
+        n = out.numel()
+        self.sm[:n].copy_(sm, non_blocking=True)
+        self.exp[:n].copy_(exp, non_blocking=True)
+        self._kernel[(-(-n // self.BLOCK),)](self.sm, self.exp, out.view(torch.int16), n, BLOCK=self.BLOCK)
+
+    def _self_check(self, device: torch.device) -> None:
+        """Every 16-bit pattern through the kernel against the codec's oracle (it compiles the kernel, too)."""
+        bits = np.arange(1 << 16, dtype=np.uint16)
+        sm, exp = split_bf16(bits)
+        want = merge_reference(sm, exp)
+        n = min(bits.size, self.sm.numel())
+        out = torch.full((n,), -1, dtype=torch.int16, device=device)  # poisoned: an unwritten element fails
+        self(torch.from_numpy(sm[:n]), torch.from_numpy(exp[:n]), out)
+        got = out.cpu().numpy().view(np.uint16)
+        if not np.array_equal(got, want[:n]):
+            bad = int(np.flatnonzero(got != want[:n])[0])
+            raise ZipMoEError(f"the Triton merge kernel wrote {got[bad]:#06x} for BF16 pattern {bad:#06x} "
+                              f"(want {want[bad]:#06x}); set ZIPMOE_MERGE_KERNEL=torch and report this")
+
+
+def merge_class(cuda: bool) -> type[TorchMerge] | type[TritonMerge]:
+    """Which merge a late-merging engine uses (MERGE_KERNEL): TritonMerge on CUDA when Triton imports."""
+    if MERGE_KERNEL not in ("auto", "torch"):
+        raise ZipMoEError(f"ZIPMOE_MERGE_KERNEL={MERGE_KERNEL!r}: use 'auto' or 'torch'")
+    if not cuda or MERGE_KERNEL == "torch":
+        return TorchMerge
+    try:
+        _triton_kernel()
+    except ImportError as exc:
+        log.info("zipmoe: no Triton (%s); late merge uses torch byte ops", exc)
+        return TorchMerge
+    return TritonMerge
+
+
+_KERNEL = None
+
+
+def _triton_kernel():
+    """The jitted kernel, defined on first use so that importing zipmoe never needs Triton."""
+    global _KERNEL
+    if _KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def merge_kernel(sm_ptr, exp_ptr, out_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            sm = tl.load(sm_ptr + offs, mask=mask).to(tl.int32)
+            e = tl.load(exp_ptr + offs, mask=mask).to(tl.int32)
+            bits = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)  # sign | exponent | mantissa, as in merge_into
+            tl.store(out_ptr + offs, bits.to(tl.int16), mask=mask)  # int32 -> int16 keeps the low 16 bits
+
+        _KERNEL = merge_kernel
+    return _KERNEL
