@@ -45,12 +45,16 @@ def test_torch_merge_matches_the_codec_merge_bit_for_bit():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_the_triton_merge_is_chosen_on_cuda_and_matches_the_codec_bit_for_bit():
+def test_the_triton_merge_is_chosen_on_cuda_and_matches_the_codec_bit_for_bit(monkeypatch):
     """The CUDA default: if Triton is missing or broken here, this fails instead of quietly timing TorchMerge."""
-    assert merge_class(True) is TritonMerge
+    monkeypatch.setattr(late_merge, "MERGE_KERNEL", "auto")
+    monkeypatch.setattr(late_merge, "_VERDICTS", {})
+    cuda = torch.device("cuda")
+    assert merge_class(cuda) is TritonMerge
+    late_merge.check_triton_merge(cuda)  # every pattern, ragged tail
     bits = _special_bits(3 * 4096 + 17)  # several blocks and a ragged tail
     sm, exp = split_bf16(bits)
-    merge = TritonMerge(bits.size + 100, torch.device("cuda"))  # scratch longer than the expert
+    merge = TritonMerge(bits.size + 100, cuda)  # scratch longer than the expert
     out = torch.full((bits.size,), -1, dtype=torch.int16, device="cuda").view(torch.bfloat16)
     for host in (torch.from_numpy(sm).pin_memory(), torch.from_numpy(sm)):
         merge(host, torch.from_numpy(exp).pin_memory(), out)
@@ -58,20 +62,33 @@ def test_the_triton_merge_is_chosen_on_cuda_and_matches_the_codec_bit_for_bit():
         out.view(torch.int16).fill_(-1)
 
 
-def test_the_merge_kernel_setting_picks_torch_byte_ops_and_rejects_a_typo(monkeypatch):
-    assert merge_class(False) is TorchMerge  # a CPU never uses Triton
-    monkeypatch.setattr(late_merge, "MERGE_KERNEL", "torch")
-    assert merge_class(True) is TorchMerge
+def test_the_merge_kernel_setting_falls_back_to_torch_byte_ops_and_rejects_a_typo(monkeypatch, caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
     monkeypatch.setattr(late_merge, "MERGE_KERNEL", "auto")
+    assert merge_class(cpu) is TorchMerge  # a CPU never uses Triton
+    monkeypatch.setattr(late_merge, "MERGE_KERNEL", "torch")
+    assert merge_class(cuda) is TorchMerge
+    monkeypatch.setattr(late_merge, "MERGE_KERNEL", "auto")
+    for failure, warned in ((ImportError("No module named 'triton'"), False),
+                            (ZipMoEError("the Triton merge kernel wrote 0x0000 for BF16 pattern 0x8000"), True),
+                            (RuntimeError("PTXAS error: Internal Triton PTX codegen error"), True)):
+        def check(device, failure=failure):
+            raise failure
 
-    def no_triton():
-        raise ImportError("No module named 'triton'")
-
-    monkeypatch.setattr(late_merge, "_triton_kernel", no_triton)
-    assert merge_class(True) is TorchMerge  # CUDA without Triton: torch byte ops, not an error
+        monkeypatch.setattr(late_merge, "check_triton_merge", check)
+        monkeypatch.setattr(late_merge, "_VERDICTS", {})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="zipmoe"):
+            assert merge_class(cuda) is TorchMerge  # slower, never wrong, never a failed load
+        assert ("failed its check" in caplog.text) is warned and str(failure) in caplog.text
+    monkeypatch.setattr(late_merge, "check_triton_merge", lambda device: None)
+    monkeypatch.setattr(late_merge, "_VERDICTS", {})
+    assert merge_class(cuda) is TritonMerge  # a passed check picks the kernel, once per device
+    monkeypatch.setattr(late_merge, "check_triton_merge", lambda device: pytest.fail("checked twice"))
+    assert merge_class(cuda) is TritonMerge
     monkeypatch.setattr(late_merge, "MERGE_KERNEL", "trition")
     with pytest.raises(ZipMoEError, match="ZIPMOE_MERGE_KERNEL='trition'"):
-        merge_class(False)
+        merge_class(cpu)
 
 
 def test_a_late_merged_miss_decodes_without_waiting_for_its_sm_read():

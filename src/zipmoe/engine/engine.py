@@ -173,7 +173,7 @@ class Engine:
         self._merge: TorchMerge | TritonMerge | None = None
         self._exp_rows: list[torch.Tensor] = []  # late merge: torch views of the staging exponent planes
         if late_merge:  # its scratch planes on the compute device
-            merge = merge_class(self._cuda)
+            merge = merge_class(device)
             cache.budget.reserve("staging.late_merge", merge.SCRATCH_PLANES * cache.numel)
             try:
                 self._merge = merge(cache.numel, device)
@@ -204,13 +204,14 @@ class Engine:
         shorten_switch_interval()  # the loader threads hand results on without waiting 5 ms for the GIL
 
     @staticmethod
-    def staging_bytes(slots: int, numel: int, sm_stride: int, e_stride: int, cuda: bool, late_merge: bool) -> int:
+    def staging_bytes(slots: int, numel: int, sm_stride: int, e_stride: int, device: torch.device,
+                      late_merge: bool) -> int:
         """Bytes of the budget an engine's staging takes (what __init__ reserves): read buffers and outputs per
         slot, plus exponent planes and the merge's scratch with late_merge, or pinned BF16 rows on CUDA."""
         nbytes = staging_nbytes(slots, numel, sm_stride, e_stride, exp=late_merge)
         if late_merge:
-            return nbytes + merge_class(cuda).SCRATCH_PLANES * numel
-        return nbytes + (slots * 2 * numel if cuda else 0)
+            return nbytes + merge_class(device).SCRATCH_PLANES * numel
+        return nbytes + (slots * 2 * numel if device.type == "cuda" else 0)
 
     # ---- ExpertSource ----
 

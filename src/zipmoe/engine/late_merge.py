@@ -6,7 +6,7 @@ CPU the merge runs on the compute thread, unpriced by the plan (a dozen byte pas
 codec.merge_into's time: BENCHMARKS.md, eighth session): there it is for testing the path a GPU runs. On CUDA
 the merge is one Triton kernel (TritonMerge) where Triton is installed: TorchMerge's nine byte ops cost the
 compute thread nine launches per expert (~10 µs of Python each, holding the GIL the loader threads need), the
-kernel one. TritonMerge checks itself against the codec's oracle on every 16-bit pattern before it is used.
+kernel one. merge_class checks the kernel against the codec's oracle on every 16-bit pattern before it is used.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from zipmoe.errors import ZipMoEError
 
 log = logging.getLogger(__name__)
 
-# "auto": TritonMerge on CUDA where Triton imports and passes its self-check, else TorchMerge; "torch": always
+# "auto": TritonMerge on CUDA where Triton imports and the kernel passes its check, else TorchMerge; "torch": always
 # TorchMerge (the bench's A/B row). ZIPMOE_MERGE_KERNEL sets it for a process.
 MERGE_KERNEL = os.environ.get("ZIPMOE_MERGE_KERNEL", "auto")
 
@@ -60,7 +60,8 @@ class TorchMerge:
 
 
 class TritonMerge:
-    """TorchMerge's recombination as one Triton kernel per expert, after the two H2D plane copies."""
+    """TorchMerge's recombination as one Triton kernel per expert, after the two H2D plane copies. Built only
+    through merge_class, which has checked the kernel on this device first."""
 
     SCRATCH_PLANES = 2  # the device copies of the SM and exponent planes
     BLOCK = 4096
@@ -69,46 +70,66 @@ class TritonMerge:
         if sys.byteorder != "little":
             raise ZipMoEError("late_merge writes little-endian BF16; this machine is big-endian: leave it off")
         self._kernel = _triton_kernel()
+        self.device, self.numel = device, numel
         self.sm, self.exp = (torch.empty(numel, dtype=torch.uint8, device=device) for _ in range(2))
-        self._self_check(device)
+        self._grid = (-(-numel // self.BLOCK),)
 
     def __call__(self, sm: torch.Tensor, exp: torch.Tensor, out: torch.Tensor) -> None:
         """out (any 2-byte dtype, [numel] contiguous) = merge(sm, exp); sm and exp uint8 [numel], host or device."""
         n = out.numel()
-        self.sm[:n].copy_(sm, non_blocking=True)
-        self.exp[:n].copy_(exp, non_blocking=True)
-        self._kernel[(-(-n // self.BLOCK),)](self.sm, self.exp, out.view(torch.int16), n, BLOCK=self.BLOCK)
-
-    def _self_check(self, device: torch.device) -> None:
-        """Every 16-bit pattern through the kernel against the codec's oracle (it compiles the kernel, too)."""
-        bits = np.arange(1 << 16, dtype=np.uint16)
-        sm, exp = split_bf16(bits)
-        want = merge_reference(sm, exp)
-        n = min(bits.size, self.sm.numel())
-        out = torch.full((n,), -1, dtype=torch.int16, device=device)  # poisoned: an unwritten element fails
-        self(torch.from_numpy(sm[:n]), torch.from_numpy(exp[:n]), out)
-        got = out.cpu().numpy().view(np.uint16)
-        if not np.array_equal(got, want[:n]):
-            bad = int(np.flatnonzero(got != want[:n])[0])
-            raise ZipMoEError(f"the Triton merge kernel wrote {got[bad]:#06x} for BF16 pattern {bad:#06x} "
-                              f"(want {want[bad]:#06x}); set ZIPMOE_MERGE_KERNEL=torch and report this")
+        d_sm, d_exp, grid = self.sm, self.exp, self._grid
+        if n != self.numel:  # shorter than the scratch (the check below); an engine's experts all fill it
+            d_sm, d_exp, grid = d_sm[:n], d_exp[:n], (-(-n // self.BLOCK),)
+        d_sm.copy_(sm, non_blocking=True)
+        d_exp.copy_(exp, non_blocking=True)
+        with torch.cuda.device(self.device):  # Triton launches on the current device's current stream
+            self._kernel[grid](d_sm, d_exp, out.view(torch.int16), n, BLOCK=self.BLOCK)
 
 
-def merge_class(cuda: bool) -> type[TorchMerge] | type[TritonMerge]:
-    """Which merge a late-merging engine uses (MERGE_KERNEL): TritonMerge on CUDA when Triton imports."""
+def merge_class(device: torch.device) -> type[TorchMerge] | type[TritonMerge]:
+    """Which merge a late-merging engine on `device` uses (MERGE_KERNEL): TritonMerge on CUDA when Triton
+    imports and the kernel passes its check there (once per device and process), else TorchMerge. A failed
+    check is logged as a warning and never used: the torch byte ops are slower, not wrong."""
     if MERGE_KERNEL not in ("auto", "torch"):
         raise ZipMoEError(f"ZIPMOE_MERGE_KERNEL={MERGE_KERNEL!r}: use 'auto' or 'torch'")
-    if not cuda or MERGE_KERNEL == "torch":
+    if device.type != "cuda" or MERGE_KERNEL == "torch":
         return TorchMerge
+    key = str(device)
+    if key not in _VERDICTS:
+        _VERDICTS[key] = _triton_works(device)
+    return TritonMerge if _VERDICTS[key] else TorchMerge
+
+
+_VERDICTS: dict[str, bool] = {}  # device -> whether the Triton kernel passed its check there
+_KERNEL = None
+
+
+def _triton_works(device: torch.device) -> bool:
     try:
-        _triton_kernel()
+        check_triton_merge(device)
     except ImportError as exc:
         log.info("zipmoe: no Triton (%s); late merge uses torch byte ops", exc)
-        return TorchMerge
-    return TritonMerge
+        return False
+    except Exception as exc:  # a compile failure (no ptxas, driver) or wrong bits: neither may serve experts
+        log.warning("zipmoe: the Triton merge kernel failed its check on %s, so late merge uses torch byte ops "
+                    "(slower, same bits); please report this: %s", device, exc)
+        return False
+    return True
 
 
-_KERNEL = None
+def check_triton_merge(device: torch.device) -> None:
+    """Every 16-bit pattern, plus a ragged last block, through the kernel against the codec's oracle (it
+    compiles the kernel, too); raises ZipMoEError naming the first wrong pattern."""
+    bits = (np.arange((1 << 16) + 17) & 0xFFFF).astype(np.uint16)
+    sm, exp = split_bf16(bits)
+    want = merge_reference(sm, exp)
+    out = torch.full((bits.size,), -1, dtype=torch.int16, device=device)  # poisoned: an unwritten element fails
+    TritonMerge(bits.size, device)(torch.from_numpy(sm), torch.from_numpy(exp), out)
+    got = out.cpu().numpy().view(np.uint16)
+    if not np.array_equal(got, want):
+        bad = int(np.flatnonzero(got != want)[0])
+        raise ZipMoEError(f"the Triton merge kernel wrote {got[bad]:#06x} for BF16 pattern {bits[bad]:#06x} "
+                          f"(want {want[bad]:#06x})")
 
 
 def _triton_kernel():
@@ -120,12 +141,12 @@ def _triton_kernel():
 
         @triton.jit
         def merge_kernel(sm_ptr, exp_ptr, out_ptr, n, BLOCK: tl.constexpr):
-            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no wrap past 2**31
             mask = offs < n
-            sm = tl.load(sm_ptr + offs, mask=mask).to(tl.int32)
+            sm = tl.load(sm_ptr + offs, mask=mask).to(tl.int32)  # uint8 -> int32 zero-extends
             e = tl.load(exp_ptr + offs, mask=mask).to(tl.int32)
             bits = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)  # sign | exponent | mantissa, as in merge_into
-            tl.store(out_ptr + offs, bits.to(tl.int16), mask=mask)  # int32 -> int16 keeps the low 16 bits
+            tl.store(out_ptr + offs, bits.to(tl.int16), mask=mask)  # int32 -> int16 truncates: the low 16 bits
 
-        _KERNEL = merge_kernel
+        _KERNEL = merge_kernel  # two threads racing here build two equal kernels; harmless
     return _KERNEL

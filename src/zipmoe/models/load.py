@@ -160,8 +160,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     top_k = adapter.top_k(reader.config) if per_module else _top_k(reader.config)
     slots = staging_slots or max(1, min(n_experts, 2 * top_k))
     per_entry = entry_bytes(numel, e_slot)
-    staging = Engine.staging_bytes(slots, numel, per_entry[State.S], per_entry[State.E], device.type == "cuda",
-                                   late_merge)
+    staging = Engine.staging_bytes(slots, numel, per_entry[State.S], per_entry[State.E], device, late_merge)
     prefetch_bytes = Prefetcher.nbytes(top_k, per_entry[State.S], per_entry[State.E]) if prefetch else 0
     if memory_budget is None:  # room for every expert decoded (and the read-ahead slots)
         budget = MemoryBudget(dense_bytes + staging + prefetch_bytes + len(entries) * per_entry[State.F])
