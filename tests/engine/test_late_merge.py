@@ -150,6 +150,7 @@ def test_late_merge_gives_the_reference_logits_in_every_state(converted, prefetc
     try:
         engine = model.zipmoe_engine
         assert engine.late_merge and engine.staging.exp is not None
+        assert engine.merge_path == ("triton" if device == "cuda" else "torch")
         if prefetch:
             settle_prefetch(engine)  # the states met below must not depend on thread timing
         for _ in range(2):  # cold, then with what the cache kept
@@ -174,6 +175,7 @@ def test_late_merge_is_the_default_on_cuda_only(converted, device, caplog):
         model = load(store, device=device, workers=2, preload=False)
         try:
             assert model.zipmoe_engine.late_merge is (device == "cuda")
+            assert model.zipmoe_engine.merge_path == ("triton" if device == "cuda" else "workers")
             assert (model.zipmoe_engine.staging.exp is not None) is (device == "cuda")
         finally:
             unload(model)
@@ -181,5 +183,6 @@ def test_late_merge_is_the_default_on_cuda_only(converted, device, caplog):
     model = load(store, device=device, workers=2, preload=False, late_merge=False)
     try:
         assert model.zipmoe_engine.late_merge is False and model.zipmoe_engine.staging.exp is None
+        assert model.zipmoe_engine.merge_path == "workers"
     finally:
         unload(model)

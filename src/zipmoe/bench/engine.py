@@ -331,6 +331,7 @@ def run(args) -> dict:
                                      "accuracy": args.prefetch_accuracy}
                 m.update(system=name, budget_frac=frac, memory_budget=model.zipmoe_engine.cache.budget.total,
                          capacities={p.name: c for p, c in model.zipmoe_engine.cache.capacity.items()},
+                         merge=model.zipmoe_engine.merge_path,
                          plan=pools.plan.describe() if pools else None,
                          io_bound_s=m["bytes_read"] / bw, decode_io_bound_s=m["decode_bytes_read"] / bw,
                          decode_bound_s=m["decode_s"] / args.workers)

@@ -213,6 +213,13 @@ class Engine:
             return nbytes + merge_class(device).SCRATCH_PLANES * numel
         return nbytes + (slots * 2 * numel if device.type == "cuda" else 0)
 
+    @property
+    def merge_path(self) -> str:
+        """Where experts are recombined, for reports: "workers" (fused decode), "triton" or "torch" (late merge)."""
+        if not self.late_merge:
+            return "workers"
+        return "triton" if isinstance(self._merge, TritonMerge) else "torch"
+
     # ---- ExpertSource ----
 
     def experts(self, layer: int, needed: Sequence[int],

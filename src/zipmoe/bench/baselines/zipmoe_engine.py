@@ -71,6 +71,7 @@ class ZipMoESystem(HFSystem):
         engine.trace = []
         try:
             rec = super().run(prompts, new_tokens, deadline)
+            rec["merge"] = engine.merge_path
             if engine.trace:
                 rec["trace"] = trace_summary(engine.trace, len({k.layer for k in engine.reader.entries}))
         finally:
