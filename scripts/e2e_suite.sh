@@ -10,7 +10,9 @@
 # SYSTEMS overrides the compared systems (e.g. add zipmoe-fused to A/B load(late_merge=False), the CUDA default
 # being on). Measured at 9b2190d: DeepSeek-V2-Lite in two calls, 463 + 272 s (BENCHMARKS.md, ninth session);
 # the Qwen shape at 4c1bc7a in three, 532 + 447 + 87 s (eighth session), at c01000d in three, ~450 + 331 + 73 s
-# (tenth session; the first call also ran the GPU suite). Each call's start costs a ~30 s process warm-up.
+# (tenth session; the first call also ran the GPU suite). At 10b6bc9 (eleventh) one call of 434 s did zipmoe and
+# transformers at both batches and the rest at batch 1; BATCHES=16 SYSTEMS=zipmoe,uncompressed,accelerate took one
+# call of 405 s on a fresh machine. Each call's start costs a ~30 s process warm-up.
 set -euo pipefail
 case "${1:-}" in
   qwen|deepseek) names=("$1") ;;
