@@ -14,7 +14,7 @@ import transformers
 from tests.tiny_models import TINY_CONFIGS, TINY_SEQ2SEQ_CONFIGS, build_tiny_checkpoint, read_checkpoint
 from transformers.integrations.moe import _grouped_linear
 
-from zipmoe.models import ADAPTERS, expert_tensor_plan
+from zipmoe.models import ADAPTERS, compute, expert_tensor_plan
 from zipmoe.models.build import build_model_without_experts, load_hf_config
 from zipmoe.models.compute import _one_group_linear, install
 from zipmoe.models.sources import InMemoryExpertSource
@@ -82,6 +82,18 @@ def test_logits_and_greedy_tokens_equal(checkpoint, reference, device):
         assert torch.equal(got.sequences, want.sequences)
         assert all(torch.equal(g, w) for g, w in zip(got.logits, want.logits, strict=True))
     assert source.calls and all(list(needed) == sorted(set(needed)) for _, needed in source.calls)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("min_slots", [1, 1 << 30], ids=["index-copy-every-expert", "copy-per-slot"])
+def test_batched_mm_stacks_the_same_bits_however_the_experts_are_copied(checkpoint, min_slots, device, monkeypatch):
+    """The default copies an expert routed to several slots with one index_copy_; both limits give the same bits."""
+    monkeypatch.setattr(compute, "INDEX_COPY_MIN_SLOTS", min_slots)
+    ref, model, _ = _pair(checkpoint, "batched_mm", device)
+    with torch.no_grad():
+        ids, mask = (t.to(device) for t in _inputs(4))
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           ref(input_ids=ids, attention_mask=mask).logits)
 
 
 @pytest.mark.parametrize("device", DEVICES)

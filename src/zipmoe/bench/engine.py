@@ -39,7 +39,8 @@ from zipmoe.cache import entry_bytes
 from zipmoe.convert import convert
 from zipmoe.engine import gil, late_merge, prefetch
 from zipmoe.engine.metrics import EngineStats, StepClock
-from zipmoe.models.compute import PREFETCH_MAX_TOKENS
+from zipmoe.models import compute
+from zipmoe.models.compute import INDEX_COPY_MIN_SLOTS, PREFETCH_MAX_TOKENS
 from zipmoe.models.load import load, unload
 from zipmoe.planner.profile_io import stats_path
 from zipmoe.store.reader import StoreReader
@@ -54,6 +55,7 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-fused": {"late_merge": False},  # workers decode and merge each expert (the default on CPU, not on CUDA)
     "zipmoe-fused-prefetch": {"late_merge": False, "prefetch": True},
     "zipmoe-torchmerge": {"merge_kernel": "torch"},  # late merge as nine torch byte ops (before session 11)
+    "zipmoe-perslot-copy": {"index_copy_min_slots": 1 << 30},  # batched_mm: one copy per slot (before session 11)
     "zipmoe-prefetch-1reader": {"prefetch": True, "prefetch_read_threads": 1},  # one read thread (before session 10)
     "zipmoe-4pools": {"pool_split": (0.25, 0.25, 0.25, 0.25)},  # the paper's "+ four pools" row: F/C/S/E, no planning
     "zipmoe-planned": {"planning": True},
@@ -276,6 +278,8 @@ def run(args) -> dict:
         switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)
         readers = extra.pop("prefetch_read_threads", prefetch.READ_THREADS)
         kernel = extra.pop("merge_kernel", late_merge.MERGE_KERNEL)
+        # set for every row (the experts forward reads it at each call), so a row never inherits the last one's
+        compute.INDEX_COPY_MIN_SLOTS = extra.pop("index_copy_min_slots", INDEX_COPY_MIN_SLOTS)
         saved = gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS, late_merge.MERGE_KERNEL
         gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS, late_merge.MERGE_KERNEL = switch, readers, kernel
         try:

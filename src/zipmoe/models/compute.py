@@ -34,6 +34,7 @@ from zipmoe.models.base import ExpertSource
 IMPLEMENTATION = "zipmoe"  # the name registered in transformers' ExpertsInterface
 REFERENCES = ("eager", "grouped_mm", "batched_mm")  # reference implementations we are bit-exact to
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+INDEX_COPY_MIN_SLOTS = 2  # batched_mm: an expert routed to this many slots or more is copied by one index_copy_
 
 
 def experts_of(self: nn.Module, needed: list[int],
@@ -135,9 +136,10 @@ def batched_mm_like_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """transformers' batched_mm_experts_forward (what generate() decodes with on a GPU) on the same
-    [S, out, in] weight stacks: each served expert is copied into the slots routed to it as it arrives,
-    then the reference's two bmm calls run on tensors of exactly its shapes. The stacks hold S experts
-    for the call's duration, as the reference's own gather does."""
+    [S, out, in] weight stacks: each served expert is copied into the slots routed to it as it arrives
+    (one copy per weight, whatever the number of slots), then the reference's two bmm calls run on tensors
+    of exactly its shapes. The stacks hold S experts for the call's duration, as the reference's own
+    gather does."""
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
     selected_hidden_states = hidden_states.repeat_interleave(num_top_k, dim=0)
@@ -149,11 +151,17 @@ def batched_mm_like_forward(
     n = len(sample_weights)
     gate_up_w = hidden_states.new_empty(n, *getattr(self, in_proj(self)).shape[1:])
     down_w = hidden_states.new_empty(n, *self.down_proj.shape[1:])
+    shared = _slot_indices(slots, hidden_states.device)
     served: dict[int, bool] = {}
     for expert, gate_up, down in experts_of(self, needed, [len(slots[e]) for e in needed]):
-        for s in slots[expert]:
-            gate_up_w[s].copy_(gate_up)
-            down_w[s].copy_(down)
+        index = shared.get(expert)
+        if index is None:  # routed to fewer slots than INDEX_COPY_MIN_SLOTS
+            for s in slots[expert]:
+                gate_up_w[s].copy_(gate_up)
+                down_w[s].copy_(down)
+        else:  # one kernel per weight, not one per slot: each launch is compute-thread Python the loaders wait on
+            gate_up_w.index_copy_(0, index, gate_up.expand(index.numel(), -1, -1))
+            down_w.index_copy_(0, index, down.expand(index.numel(), -1, -1))
         served[expert] = True
     check_served(needed, served)
     proj_out = _activate(self, _batched_linear(selected_hidden_states, gate_up_w, bias=None, is_transposed=False))
@@ -161,6 +169,22 @@ def batched_mm_like_forward(
     weighted_out = proj_out * sample_weights.unsqueeze(-1)  # (S, H)
     final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
     return final_hidden_states.to(hidden_states.dtype)
+
+
+def _slot_indices(slots: dict[int, list[int]], device: torch.device) -> dict[int, torch.Tensor]:
+    """expert -> its slots as an index on `device`, for experts routed to INDEX_COPY_MIN_SLOTS or more; one host→device
+    copy for the whole call, from pinned memory on CUDA (the caching host allocator keeps the block until the
+    copy has run), so it does not wait for the stream."""
+    multi = [(e, s) for e, s in slots.items() if len(s) >= INDEX_COPY_MIN_SLOTS]
+    if not multi:
+        return {}
+    flat = torch.tensor([i for _, s in multi for i in s], dtype=torch.int64, pin_memory=device.type == "cuda")
+    flat = flat.to(device, non_blocking=True)
+    out, at = {}, 0
+    for expert, s in multi:
+        out[expert] = flat[at : at + len(s)]
+        at += len(s)
+    return out
 
 
 def in_proj(module: nn.Module) -> str:
