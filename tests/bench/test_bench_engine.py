@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 from zipmoe.bench import engine as bench
+from zipmoe.models import compute
+from zipmoe.models.compute import INDEX_COPY_MIN_SLOTS
 
-SYSTEMS = ("zipmoe", "zipmoe-fused", "zipmoe-4workers", "uncompressed-lru")
+# zipmoe-perslot-copy last: the run must reset the setting it changes for the forward
+SYSTEMS = ("zipmoe", "zipmoe-fused", "zipmoe-4workers", "zipmoe-3io", "uncompressed-lru", "zipmoe-perslot-copy")
 
 
 def test_engine_bench_runs_every_row_under_one_budget(tmp_path: Path) -> None:
@@ -26,6 +29,8 @@ def test_engine_bench_runs_every_row_under_one_budget(tmp_path: Path) -> None:
         assert abs(sum(r["hit_rate"].values()) - 1) < 1e-9
         assert r["trace"]["layer_calls"] > 0 and r["trace"]["read_union_ms"] is not None  # every batch size
         assert r["tpot_s"] > 0 and r["decode_io_bound_s"] > 0
+        assert r["merge"] == "workers"  # a CPU's default: the decode workers merge
+    assert compute.INDEX_COPY_MIN_SLOTS == INDEX_COPY_MIN_SLOTS  # the perslot-copy row did not outlive its run
     for batch in (1, 2):  # compressed experts: more of them cached in the same bytes, fewer bytes per miss
         assert runs[("zipmoe", batch)]["bytes_read"] < runs[("uncompressed-lru", batch)]["bytes_read"]
         assert runs[("zipmoe", batch)]["hit_rate"]["C"] > runs[("uncompressed-lru", batch)]["hit_rate"]["F"]

@@ -67,10 +67,12 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-fifo": {"eviction": "fifo"},
     "zipmoe-marking": {"eviction": "marking"},
     "zipmoe-1io": {"io_threads": 1},
+    "zipmoe-3io": {"io_threads": 3},  # a third reader: fewer moments with every read back and waiting for the GIL?
     "zipmoe-stripe2": {"read_stripes": 2},  # each plane read of >= 8 MiB in two concurrent parts
     "zipmoe-prefetch-stripe2": {"prefetch": True, "read_stripes": 2},
     "uncompressed-lru-stripe2": {"eviction": "lru", "read_stripes": 2},
     "zipmoe-gil5ms": {"switch_interval_s": 0.005},
+    "zipmoe-gil0.1ms": {"switch_interval_s": 0.0001},  # a read that returns waits at most ~0.1 ms for the GIL
     # half the decode workers: does the model's own code between layers (slower there than in plain
     # transformers, BENCHMARKS.md eighth session) run faster when fewer cores have just run the decoders?
     "zipmoe-4workers": {"workers": 4},
@@ -278,7 +280,7 @@ def run(args) -> dict:
         switch = extra.pop("switch_interval_s", gil.ENGINE_SWITCH_INTERVAL_S)
         readers = extra.pop("prefetch_read_threads", prefetch.READ_THREADS)
         kernel = extra.pop("merge_kernel", late_merge.MERGE_KERNEL)
-        # set for every row (the experts forward reads it at each call), so a row never inherits the last one's
+        # read by the experts forward at every call: it holds for the row's whole run (reset when it unloads)
         compute.INDEX_COPY_MIN_SLOTS = extra.pop("index_copy_min_slots", INDEX_COPY_MIN_SLOTS)
         saved = gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS, late_merge.MERGE_KERNEL
         gil.ENGINE_SWITCH_INTERVAL_S, prefetch.READ_THREADS, late_merge.MERGE_KERNEL = switch, readers, kernel
@@ -345,6 +347,7 @@ def run(args) -> dict:
                     Path(args.json).write_text(json.dumps(result, indent=1))
         finally:
             unload(model)
+            compute.INDEX_COPY_MIN_SLOTS = INDEX_COPY_MIN_SLOTS
     if runs:  # the disk's rate drifts (±30 % within one device call): the bound uses the faster measurement
         result["disk_bytes_per_s_after"] = bw_after = disk_bandwidth(stores["uncompressed-lru"] / "experts.bin")
         for m in result["runs"]:
