@@ -218,6 +218,7 @@ def test_report_writes_plots_and_a_table_naming_every_system(suite: Path, tmp_pa
     for label in ("zipmoe", "uncompressed LRU", "HF Accelerate offload", "transformers (all on device)"):
         assert f"| {label} |" in text
     assert "Commit:" in text and "zipmoe bench e2e" in text and "Against the targets" in text
+    assert "- zipmoe: workers" in text and "- uncompressed: workers" in text  # on a CPU the workers merge
     report.write_report(report.load_runs(suite), suite / "report", str(md))  # splice twice: one section
     body = md.read_text()
     assert body.startswith("# Benchmarks\n\nkept text") and body.count(report.BEGIN) == 1

@@ -180,6 +180,8 @@ def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
     commits = sorted({d.get("commit", "?") for d in runs})
     commands = sorted({c for d in runs for c in d.get("commands") or [d.get("command", "?")]})
     notes = sorted({f"{d['system']}: {d['page_cache']}" for d in runs if d.get("page_cache")})
+    merges = sorted({f"{d['system']}: {r['merge']}" for d in runs for b in (d.get("batches") or {}).values()
+                     for r in b.get("records", []) if r.get("merge")})
     skipped = [f"- {d['system']} at {_budget(d.get('budget_frac'))}: {d['status']} — {d.get('reason', '')}"
                for d in runs if d.get("status") in ("unavailable", "failed")]
     parts = [
@@ -195,6 +197,8 @@ def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
         "", "Commands:", "", *[f"    {c}" for c in commands], "",
         table(rs), "", "Against the targets (issue 6):", *targets(rs), "", *trace_table(runs),
         "Page cache:", *[f"- {n}" for n in notes], "",
+        *(["Where experts are recombined (workers: fused decode; triton / torch: late merge on the device):",
+           *[f"- {n}" for n in merges], ""] if merges else []),
     ]
     cold = sorted({f"- {w['system']} ({w['status']}): {w['groups_covered']} of {w['groups']} prompt groups per "
                    "batch size" for d in runs for w in d.get("warm_process", []) if w["groups_covered"] != w["groups"]})
