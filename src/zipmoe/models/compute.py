@@ -172,19 +172,26 @@ def batched_mm_like_forward(
 
 
 def _slot_indices(slots: dict[int, list[int]], device: torch.device) -> dict[int, torch.Tensor]:
-    """expert -> its slots as an index on `device`, for experts routed to INDEX_COPY_MIN_SLOTS or more; one host→device
-    copy for the whole call, from pinned memory on CUDA (the caching host allocator keeps the block until the
-    copy has run), so it does not wait for the stream."""
+    """expert -> its slots as an index on `device`, for experts routed to INDEX_COPY_MIN_SLOTS or more; one
+    host→device copy for the whole call (to_device_async)."""
     multi = [(e, s) for e, s in slots.items() if len(s) >= INDEX_COPY_MIN_SLOTS]
     if not multi:
         return {}
-    flat = torch.tensor([i for _, s in multi for i in s], dtype=torch.int64, pin_memory=device.type == "cuda")
-    flat = flat.to(device, non_blocking=True)
+    flat = to_device_async(torch.tensor([i for _, s in multi for i in s], dtype=torch.int64), device)
     out, at = {}, 0
     for expert, s in multi:
         out[expert] = flat[at : at + len(s)]
         at += len(s)
     return out
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the stream: on CUDA copied from pinned memory with
+    non_blocking (the caching host allocator keeps the block until the copy has run); a pageable `.to(cuda)`
+    would synchronise, making the layer wait for every kernel queued before it."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def in_proj(module: nn.Module) -> str:

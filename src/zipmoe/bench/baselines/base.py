@@ -22,6 +22,7 @@ from zipmoe.bench.metrics import StepProbe, batch_record, os_read_bytes
 from zipmoe.bench.prompts import Prompt
 from zipmoe.bench.routing import RequestRouting, RouterOverride, RoutingSampler
 from zipmoe.errors import ZipMoEError
+from zipmoe.models.compute import to_device_async
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 WARMUP_ROUTING_INDEX = 1 << 30  # routing stream of warm-up requests, apart from every prompt's
@@ -108,10 +109,7 @@ def hook_routers(model: torch.nn.Module, override: RouterOverride) -> list[torch
             if rows == 0 or logits.shape[0] % rows:
                 raise ZipMoEError(f"router of layer {layer} got {logits.shape[0]} tokens for {rows} routed rows")
             ids = override.topk(layer, rows, logits.shape[0] // rows)
-            ids_t = torch.from_numpy(ids)
-            if logits.device.type == "cuda":  # the caching host allocator keeps the block until the copy is done
-                return logits, weights, ids_t.pin_memory().to(logits.device, non_blocking=True)
-            return logits, weights, ids_t.to(logits.device)
+            return logits, weights, to_device_async(torch.from_numpy(ids), logits.device)
 
         handles.append(module.register_forward_hook(hook))
     return handles
