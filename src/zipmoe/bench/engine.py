@@ -76,6 +76,10 @@ SYSTEMS: dict[str, dict] = {
     # half the decode workers: does the model's own code between layers (slower there than in plain
     # transformers, BENCHMARKS.md eighth session) run faster when fewer cores have just run the decoders?
     "zipmoe-4workers": {"workers": 4},
+    # a layer's reads issued from native code (store/native_reads.py): no read waits for the GIL
+    "zipmoe-native": {"native_reads": True},
+    "zipmoe-native-prefetch": {"native_reads": True, "prefetch": True},
+    "uncompressed-lru-native": {"eviction": "lru", "native_reads": True},
     "uncompressed-lru": {"eviction": "lru"},
 }
 

@@ -126,6 +126,21 @@ class LayerOps:
         load.shards = self._engine.read_plane("e", load.entry, load.e_buf)
         load.unverified = True
 
+    def read_target(self, key: ExpertKey, sm: bool) -> tuple[int, int, int, int]:
+        """(fd, file start, bytes, buffer address) of read_sm's (sm) or read_e's read, for the native channel."""
+        load = self._loads[key]
+        reader = self._engine.reader
+        return (reader.fd, *reader.read_target(load.entry, sm, load.sm_buf if sm else load.e_buf))
+
+    def read_landed(self, key: ExpertKey, sm: bool, seconds: float) -> None:
+        """The native channel's read_target read is in: finish it as read_sm / read_e would."""
+        load = self._loads[key]
+        if sm:
+            load.sm = self._engine.plane_landed("sm", load.entry, load.sm_buf, seconds)
+        else:
+            load.shards = self._engine.plane_landed("e", load.entry, load.e_buf, seconds)
+            load.unverified = True
+
     def decode_shard(self, key: ExpertKey, shard: int) -> None:
         load = self._loads[key]
         lo, hi = load.entry.shard_bounds[shard]
@@ -407,8 +422,19 @@ class Engine:
         delay = done_at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+        self._count_read(plane, nbytes, time.perf_counter() - t0)
+        return out
+
+    def plane_landed(self, plane: str, entry: ExpertEntry, buf: np.ndarray, seconds: float):
+        """What read_plane returns, for a read the native channel made into buf (reader.read_target) in
+        `seconds`: the SM plane checksummed here, or the E shards' views; counted as read_plane counts."""
+        out = self.reader.landed_sm(entry, buf) if plane == "sm" else self.reader.landed_e(entry, buf)
+        self._count_read(plane, entry.sm.length if plane == "sm" else entry.e_length, seconds)
+        return out
+
+    def _count_read(self, plane: str, nbytes: int, seconds: float) -> None:
         with self._io_lock:
-            self.stats.io_busy_s += time.perf_counter() - t0
+            self.stats.io_busy_s += seconds
             self.stats.bytes_read += nbytes
             if plane == "sm":
                 self.stats.sm_bytes_read += nbytes
@@ -418,7 +444,6 @@ class Engine:
             free = self._reads_left == 0
         if free and self.prefetcher is not None:
             self.prefetcher.disk_free()
-        return out
 
     def resident_weights(self, layer: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """All of a layer's experts as the fused [E,2I,H] and [E,H,I] tensors transformers uses, as views of

@@ -33,6 +33,7 @@ from zipmoe.models.build import build_model_without_experts
 from zipmoe.models.registry import get_adapter
 from zipmoe.scheduler.executor import Executor
 from zipmoe.scheduler.tasks import CostModel
+from zipmoe.store.native_reads import available as native_reads_available
 from zipmoe.store.reader import StoreReader
 from zipmoe.types import State
 
@@ -61,6 +62,7 @@ def load(
     *,
     workers: int | None = None,
     io_threads: int = 2,
+    native_reads: bool | None = None,
     read_stripes: int = 1,
     eviction: str = "lrfu",
     staging_slots: int | None = None,
@@ -80,7 +82,11 @@ def load(
     experts are served by the engine.
 
     workers: decode threads (default: cores − 1, at most 8); io_threads: threads of the read channel
-    (two keep a read in flight while the other hands its result on); read_stripes: split each plane read
+    (two keep a read in flight while the other hands its result on); native_reads: issue each layer's reads
+    from native code on io_threads streams (store/native_reads.py), so that no read waits for the GIL while
+    the model's Python runs; Linux only, not with read_bytes_per_s or read_stripes > 1. None (default) = off
+    (ZIPMOE_NATIVE_READS=1 turns it on for a process), until it is measured on a GPU machine; the same bytes
+    either way. read_stripes: split each plane read
     of 8 MiB or more into this many concurrent parts, so even a layer's last read keeps several requests
     at the disk (1, the default: whole-plane reads; whether 2 helps depends on the disk, measure it with
     scripts/disk_probe.py). eviction: "lrfu" (decayed
@@ -116,9 +122,10 @@ def load(
     reader = None
     try:
         reader = StoreReader(store, direct_io=direct_io, read_stripes=read_stripes, readers=io_threads + 1)
+        native = _native_reads(native_reads, read_bytes_per_s, read_stripes)
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
                      experts_implementation, read_bytes_per_s, costs, capacities, planning, plan_batch, prefetch,
-                     late_merge, preload, progress=_Stages(progress))
+                     late_merge, preload, progress=_Stages(progress), native_reads=native)
     except BaseException:
         if reader is not None:
             reader.close()
@@ -126,9 +133,27 @@ def load(
         raise
 
 
+def _native_reads(asked: bool | None, read_bytes_per_s: float | None, read_stripes: int) -> bool:
+    """Whether the executor reads natively: what was asked, checked against what native reads cannot do.
+    None: ZIPMOE_NATIVE_READS=1 or 0 if set (a benchmark's A/B for a whole process), else off; where native
+    reads cannot run, None falls back to Python reads and only an explicit True is an error."""
+    if asked is None:
+        asked = os.environ.get("ZIPMOE_NATIVE_READS", "0") == "1"
+        if read_bytes_per_s or read_stripes > 1 or not native_reads_available():
+            return False
+    if not asked:
+        return False
+    why = ("read_bytes_per_s caps reads in Python" if read_bytes_per_s else
+           "read_stripes > 1 splits reads in Python" if read_stripes > 1 else
+           None if native_reads_available() else "they need Linux (libc pread)")
+    if why:
+        raise ZipMoEError(f"native_reads=True is not possible here: {why}; pass native_reads=False")
+    return True
+
+
 def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots, experts_implementation,
           read_bytes_per_s, costs, capacities, planning, plan_batch, prefetch, late_merge, preload,
-          progress: _Stages):
+          progress: _Stages, native_reads: bool = False):
     entries = list(reader.entries.values())
     if any(e.mode != "split" for e in entries):
         raise UnsupportedModelError("this store keeps some experts raw (non-BF16); the engine serves BF16 experts only")
@@ -185,7 +210,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
     executor = prefetcher = None
     try:
         coder = get_coder(reader.manifest.codec_id, **reader.manifest.codec_params)
-        executor = Executor(workers, io_threads)
+        executor = Executor(workers, io_threads, native_reads=native_reads)
         prefetcher = Prefetcher(reader, top_k, per_entry[State.S], per_entry[State.E],
                                 pinned=device.type == "cuda") if prefetch else None
         engine = Engine(reader, cache, executor, coder, costs, device, shapes, slots, read_bytes_per_s, pools,

@@ -19,11 +19,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from zipmoe.errors import ExpertTaskError, ZipMoEError
 from zipmoe.scheduler.tasks import MERGE, DecodeStep, ExpertTimes, IoStep, Plan, Plane, PlanTimings
 from zipmoe.types import ExpertKey
+
+if TYPE_CHECKING:  # imported where used: the scheduler itself stays free of numpy (test_scheduler_is_pure)
+    from zipmoe.store.native_reads import NativeReadChannel
 
 _FAILED = -1  # ready-queue marker: look at _Run.error
 
@@ -33,6 +36,9 @@ class LayerOps(Protocol):
 
     def read_sm(self, key: ExpertKey) -> None: ...  # I/O thread: read the SM plane from disk
     def read_e(self, key: ExpertKey) -> None: ...  # I/O thread: read the compressed E shards
+    # native reads only (Executor(native_reads=True)): where read_sm (sm) / read_e reads, and finishing it
+    def read_target(self, key: ExpertKey, sm: bool) -> tuple[int, int, int, int]: ...  # fd, start, bytes, address
+    def read_landed(self, key: ExpertKey, sm: bool, seconds: float) -> None: ...
     def decode_shard(self, key: ExpertKey, shard: int) -> None: ...  # a worker: decode (+merge) one shard
     def merge(self, key: ExpertKey) -> None: ...  # a worker: SM + E -> BF16 (only if merge_s > 0)
 
@@ -124,14 +130,59 @@ class _Run:
 
     def read(self, step: IoStep) -> bool:
         """One read (claimed with claim_read) on an I/O thread; False once the run is stopped."""
-        e = self.index[step.key]
         t0 = time.perf_counter()
         try:
             (self.ops.read_e if step.plane == Plane.E else self.ops.read_sm)(step.key)
         except BaseException as exc:
             self.fail(exc, step.key, f"reading the {step.plane.name} plane of")
             return self.finish_op()
-        t1 = time.perf_counter()
+        return self.read_done(step, t0, time.perf_counter())
+
+    def submit_native(self, channel: NativeReadChannel) -> None:
+        """Hand the whole io_queue to the native channel at once (its reads then never wait for the GIL);
+        each completion comes back through native_done. Every read counts as in flight until then, so
+        drain() waits for the reads a cancelled run had started."""
+        queue_ = self.plan.io_queue
+        try:
+            targets = [self.ops.read_target(s.key, s.plane == Plane.SM) for s in queue_]
+        except BaseException as exc:
+            self.fail(exc, queue_[0].key, "preparing the reads of a layer with")
+            return
+        from zipmoe.store.native_reads import ReadBatch
+
+        batch = ReadBatch.of(targets, self.native_done)
+        with self.cond:
+            self.io_next = len(queue_)
+            self.in_flight += len(queue_)
+            self.native_spans = [t[2] for t in targets]
+        channel.submit(batch)
+
+    def native_done(self, i: int, got: int, t0: float, t1: float) -> None:
+        """The native channel's completion of io_queue[i] (on its completion thread): finish the read, or redo
+        it in Python when it failed or came up short, so that the error raised is the one read_sm / read_e
+        give (EOF, EIO, a closed store)."""
+        step = self.plan.io_queue[i]
+        with self.cond:
+            if self.stopped:
+                self.in_flight -= 1
+                self.cond.notify_all()
+                return
+        sm = step.plane == Plane.SM
+        try:
+            if got == self.native_spans[i]:
+                self.ops.read_landed(step.key, sm, t1 - t0)
+            else:
+                (self.ops.read_sm if sm else self.ops.read_e)(step.key)
+                t1 = time.perf_counter()
+        except BaseException as exc:
+            self.fail(exc, step.key, f"reading the {step.plane.name} plane of")
+            self.finish_op()
+            return
+        self.read_done(step, t0, t1)
+
+    def read_done(self, step: IoStep, t0: float, t1: float) -> bool:
+        """Book a finished read (from t0 to t1) and wake who waits for it; False once the run is stopped."""
+        e = self.index[step.key]
         with self.cond:
             self.in_flight -= 1
             self.io_busy += t1 - t0
@@ -249,7 +300,7 @@ class Executor:
     iterates the RunHandle. Threads are created once and reused for every layer; close() (or leaving
     the `with` block) stops and joins them all. Runs are served in the order they were started."""
 
-    def __init__(self, workers: int, io_threads: int = 2):
+    def __init__(self, workers: int, io_threads: int = 2, native_reads: bool = False):
         if workers < 1:
             raise ZipMoEError(f"an executor needs at least one decode worker, got workers={workers}")
         if io_threads < 1:
@@ -258,8 +309,14 @@ class Executor:
         self._io_q: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
         self._step_q: queue.SimpleQueue[tuple[_Run, DecodeStep] | None] = queue.SimpleQueue()
         self._closed = False
-        self._threads = [threading.Thread(target=self._io_loop, name=f"zipmoe-io-{i}", daemon=True)
-                         for i in range(io_threads)]
+        # native_reads: the io_threads streams are native (store/native_reads), fed a layer's reads at once
+        self._native: NativeReadChannel | None = None
+        if native_reads:
+            from zipmoe.store.native_reads import NativeReadChannel
+
+            self._native = NativeReadChannel(io_threads)
+        self._threads = [] if native_reads else [
+            threading.Thread(target=self._io_loop, name=f"zipmoe-io-{i}", daemon=True) for i in range(io_threads)]
         self._threads += [threading.Thread(target=self._worker_loop, name=f"zipmoe-decode-{i}", daemon=True)
                           for i in range(workers)]
         for t in self._threads:
@@ -286,7 +343,9 @@ class Executor:
             for e, t in enumerate(plan.tasks):
                 if not (t.decodes or t.reads_sm or t.reads_e):
                     run.mark_ready(e, run.t0)  # F: ready at once
-        if plan.io_queue:
+        if plan.io_queue and self._native is not None:
+            run.submit_native(self._native)
+        elif plan.io_queue:
             for _ in range(self.io_threads):
                 self._io_q.put(run)
         for step in plan.decode_queue:
@@ -306,6 +365,8 @@ class Executor:
         if self._closed:
             return
         self._closed = True
+        if self._native is not None:
+            self._native.close()
         for _ in range(self.io_threads):
             self._io_q.put(None)
         for _ in range(self.workers):

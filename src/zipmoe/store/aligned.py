@@ -78,6 +78,20 @@ def _direct_read_works(fd: int) -> bool:
     return True
 
 
+def aligned_extent(offset: int, length: int, buf: np.ndarray) -> tuple[int, int]:
+    """(file start, bytes) of the 4096-aligned read covering [offset, offset+length) into buf; ValueError if
+    buf is not a contiguous uint8 array of at least that many bytes. The view of the asked-for bytes is then
+    buf[offset - start : offset - start + length]."""
+    start = offset - offset % ALIGN
+    span = align_up(offset + length) - start
+    if buf.ndim != 1 or buf.dtype != np.uint8 or buf.nbytes < span or not buf.flags.c_contiguous:
+        raise ValueError(
+            f"read of {length} bytes at {offset} needs a contiguous uint8 buffer of {span} bytes, "
+            f"got {buf.dtype} {buf.shape}"
+        )
+    return start, span
+
+
 class ReadStopped(Exception):
     """read_direct_into gave up between two parts because its `stop()` said so (the bytes are incomplete)."""
 
@@ -96,13 +110,7 @@ def read_direct_into(fd: int, offset: int, length: int, buf: np.ndarray, *, part
     the first; ReadStopped when it answers True. A read that may turn out unwanted (prefetch) then costs at
     most one part of disk time after it is called off.
     """
-    start = offset - offset % ALIGN
-    span = align_up(offset + length) - start
-    if buf.ndim != 1 or buf.dtype != np.uint8 or buf.nbytes < span or not buf.flags.c_contiguous:
-        raise ValueError(
-            f"read of {length} bytes at {offset} needs a contiguous uint8 buffer of {span} bytes, "
-            f"got {buf.dtype} {buf.shape}"
-        )
+    start, span = aligned_extent(offset, length, buf)
     if part is not None and (part <= 0 or part % ALIGN):
         raise ValueError(f"read parts must be positive multiples of {ALIGN} bytes, got {part}")
     view = buf[:span]

@@ -20,7 +20,7 @@ import numpy as np
 import xxhash
 
 from zipmoe.errors import ChecksumError, StoreIncompleteError, ZipMoEError
-from zipmoe.store.aligned import StripedReads, aligned_buffer, open_direct, read_direct_into
+from zipmoe.store.aligned import ALIGN, StripedReads, aligned_buffer, aligned_extent, open_direct, read_direct_into
 from zipmoe.store.format import (
     CORRUPT_HINT,
     DATA_NAME,
@@ -127,6 +127,35 @@ class StoreReader:
         _verify_chunk(entry, plane, entry.sm, view)
         return view
 
+    def read_target(self, entry: ExpertEntry, sm: bool, buf: np.ndarray) -> tuple[int, int, int]:
+        """(file start, bytes, buffer address) of the aligned read that brings the SM plane (sm) or the E region
+        into buf: for a caller that reads it itself (store/native_reads) and then calls landed_sm / landed_e.
+        The fd is `self.fd`. Same buffer rules and errors as read_sm_into / read_e_into."""
+        if not self._closer.alive:
+            raise ZipMoEError(f"store {self.path} is closed")
+        offset, length = (entry.sm.offset, entry.sm.length) if sm else (entry.e_offset, entry.e_length)
+        start, span = aligned_extent(offset, length, buf)
+        return start, span, buf.ctypes.data
+
+    @property
+    def fd(self) -> int:
+        """The data file's descriptor (O_DIRECT when self.direct), for read_target's callers."""
+        return self._fd
+
+    def landed_sm(self, entry: ExpertEntry, buf: np.ndarray) -> np.ndarray:
+        """The verified SM plane in buf after read_target's read: what read_sm_into returns."""
+        plane = "SM plane" if entry.mode == "split" else "raw data"
+        lo = entry.sm.offset % ALIGN
+        view = buf[lo : lo + entry.sm.length]
+        _verify_chunk(entry, plane, entry.sm, view)
+        return view
+
+    def landed_e(self, entry: ExpertEntry, buf: np.ndarray) -> list[np.ndarray]:
+        """The K E-shard views in buf after read_target's read, unverified: what read_e_into(verify=False)
+        returns (the decode workers check each shard)."""
+        lo = entry.e_offset % ALIGN
+        return _shard_views(entry, buf[lo : lo + entry.e_length], verify=False)
+
     def read_e_into(self, entry: ExpertEntry, buf: np.ndarray, verify: bool = True, *, part: int | None = None,
                     stop: Callable[[], bool] | None = None) -> list[np.ndarray]:
         """Read all K E-shards of an expert with one read of its E region; one view per shard.
@@ -139,14 +168,7 @@ class StoreReader:
         if not entry.e_shards:
             return []
         region = self._read(entry, "E region", entry.e_offset, entry.e_length, buf, part, stop)
-        views, at = [], 0
-        for i, chunk in enumerate(entry.e_shards):
-            view = region[at : at + chunk.length]
-            if verify:
-                _verify_chunk(entry, f"E-shard {i}", chunk, view)
-            views.append(view)
-            at += chunk.length
-        return views
+        return _shard_views(entry, region, verify)
 
     @staticmethod
     def verify_shard(entry: ExpertEntry, shard: int, view: np.ndarray) -> None:
@@ -296,6 +318,17 @@ def _close(fd: int, striped: StripedReads | None) -> None:
     if striped is not None:
         striped.close()  # first: no part may still be reading from fd
     os.close(fd)
+
+
+def _shard_views(entry: ExpertEntry, region: np.ndarray, verify: bool) -> list[np.ndarray]:
+    views, at = [], 0
+    for i, chunk in enumerate(entry.e_shards):
+        view = region[at : at + chunk.length]
+        if verify:
+            _verify_chunk(entry, f"E-shard {i}", chunk, view)
+        views.append(view)
+        at += chunk.length
+    return views
 
 
 def _verify_chunk(entry: ExpertEntry, plane: str, chunk: ChunkRef, view: Any) -> None:

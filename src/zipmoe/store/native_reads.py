@@ -1,0 +1,208 @@
+"""GIL-free reads: a layer's plane reads issued back to back by native code, completions posted on a pipe.
+
+Arrow: executor ──submit(ReadBatch)──▶ stream threads ("zipmoe-nread-i") each run their share of the batch in
+one numba call (nogil, libc pread into the caller's buffers) ──8-byte tag per read──▶ pipe ──▶ the completion
+thread ("zipmoe-nread-done") calls batch.on_done(i, bytes, t0, t1) in completion order.
+
+Why by hand (numba + ctypes, not os.preadv on Python threads): a Python thread whose read returns must take
+the GIL back before it can issue its next read, and the compute thread runs the model's Python most of the
+time. A layer's burst of four plane reads read at 1.55 GB/s alone and 1.24 beside a thread running Python
+(scripts/burst_reads.py on the device, BENCHMARKS.md thirteenth session). Here the next read is issued in
+native code at once; only the completion thread, which hands results on, waits for the GIL. The disk never
+does. Linux/POSIX only (libc pread and write; CLOCK_MONOTONIC, which time.perf_counter also reads).
+
+Contract: every submitted read posts exactly one completion, also when it failed (bytes -1: the caller redoes
+it in Python to raise the proper error) or came up short (bytes < span). A batch, once submitted, runs to its
+end: cancelling is the caller's business (it skips the completions); nothing writes into a batch's buffers
+after its last completion has been handed on. Sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from zipmoe.errors import ZipMoEError
+
+log = logging.getLogger(__name__)
+_TAG = 8  # bytes per completion message on the pipe (<= PIPE_BUF, so each write is atomic)
+_CLOSE = -1  # the tag that stops the completion thread
+_kernel = None
+
+
+def available() -> bool:
+    """True where the native channel can run: Linux with libc's pread (numba is a dependency anyway)."""
+    return sys.platform.startswith("linux")
+
+
+def _compiled():
+    """read_list, compiled at first use (not cached on disk: numba does not cache functions calling ctypes)."""
+    global _kernel
+    if _kernel is None:
+        import numba
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pread, write, clock = libc.pread, libc.write, libc.clock_gettime
+        # pointers as size_t: the same 64-bit register as a void*, and what numba can pass from an int64 array
+        pread.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64]
+        pread.restype = ctypes.c_ssize_t
+        write.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t]
+        write.restype = ctypes.c_ssize_t
+        clock.argtypes = [ctypes.c_int, ctypes.c_size_t]
+        clock.restype = ctypes.c_int
+        monotonic = 1  # CLOCK_MONOTONIC on Linux
+
+        def read_list(fd, order, starts, spans, addrs, got, t_ns, tags, pipe_fd):  # pragma: no cover (native)
+            ts = np.empty(2, np.int64)
+            ts_at = ts.ctypes.data
+            for j in range(order.shape[0]):
+                i = order[j]
+                clock(monotonic, ts_at)
+                t_ns[2 * i] = ts[0] * 1000000000 + ts[1]
+                done, n = 0, 1
+                while done < spans[i]:
+                    n = pread(fd, addrs[i] + done, spans[i] - done, starts[i] + done)
+                    if n <= 0:
+                        break
+                    done += n
+                got[i] = -1 if n < 0 else done
+                clock(monotonic, ts_at)
+                t_ns[2 * i + 1] = ts[0] * 1000000000 + ts[1]
+                while write(pipe_fd, tags.ctypes.data + 8 * i, 8) != 8:  # EINTR only: the pipe never fills
+                    pass
+            return 0
+
+        _kernel = numba.njit(nogil=True)(read_list)
+    return _kernel
+
+
+@dataclass(eq=False)
+class ReadBatch:
+    """Reads into caller-owned buffers: read i fills [starts[i], starts[i] + spans[i]) of fd at addrs[i]
+    (int64 arrays of one length). The buffers must stay alive and unread by others until read i completes."""
+
+    fd: int
+    starts: np.ndarray
+    spans: np.ndarray
+    addrs: np.ndarray
+    on_done: Callable[[int, int, float, float], None]  # (i, bytes read or -1, start s, end s): perf_counter time
+    got: np.ndarray = field(init=False)
+    t_ns: np.ndarray = field(init=False)
+    tags: np.ndarray = field(init=False)
+    left: int = field(init=False)
+
+    @classmethod
+    def of(cls, targets: list[tuple[int, int, int, int]], on_done: Callable[[int, int, float, float], None]
+           ) -> ReadBatch:
+        """From (fd, file start, bytes, buffer address) per read, all of one fd."""
+        fds = {t[0] for t in targets}
+        if len(fds) != 1:
+            raise ZipMoEError(f"a read batch reads one file, got descriptors {sorted(fds)}")
+        starts, spans, addrs = (np.array(c, dtype=np.int64) for c in zip(*(t[1:] for t in targets), strict=True))
+        return cls(fds.pop(), starts, spans, addrs, on_done)
+
+    def __post_init__(self) -> None:
+        n = len(self.starts)
+        if not len(self.spans) == len(self.addrs) == n:
+            raise ValueError(f"a read batch needs one start, span and address per read, got {n}, "
+                             f"{len(self.spans)} and {len(self.addrs)}")
+        self.got = np.zeros(n, np.int64)
+        self.t_ns = np.zeros(2 * n, np.int64)
+        self.tags = np.zeros(n, np.int64)  # set by submit: (batch id << 32) | i
+        self.left = n
+
+
+class NativeReadChannel:
+    """`streams` native reading threads and one completion thread; batches run in submit order. A batch's reads
+    are dealt to the streams in order, each to the stream with the fewest bytes so far (so the first reads of
+    the batch start at once, one per stream)."""
+
+    def __init__(self, streams: int):
+        if streams < 1:
+            raise ZipMoEError(f"a native read channel needs at least one stream, got streams={streams}")
+        if not available():
+            raise ZipMoEError("native reads need Linux (libc pread); load(native_reads=False) reads in Python")
+        self._read = _compiled()
+        none = np.zeros(0, np.int64)
+        self._read(-1, none, none, none, none, none, none, none, -1)  # compile now: a failure shows at load
+        self._rfd, self._wfd = os.pipe()
+        self._batches: dict[int, ReadBatch] = {}
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(streams)]
+        self._threads = [threading.Thread(target=self._stream_loop, args=(q,), name=f"zipmoe-nread-{s}", daemon=True)
+                         for s, q in enumerate(self._queues)]
+        self._done_thread = threading.Thread(target=self._done_loop, name="zipmoe-nread-done", daemon=True)
+        self._closed = False
+        for t in (*self._threads, self._done_thread):
+            t.start()
+
+    def submit(self, batch: ReadBatch) -> None:
+        """Start the batch's reads (after the batches submitted before it, per stream)."""
+        n = len(batch.starts)
+        if n == 0:
+            return
+        with self._lock:
+            if self._closed:
+                raise ZipMoEError("the native read channel is closed")
+            bid, self._next_id = self._next_id, (self._next_id + 1) & 0x7FFFFFFF
+            self._batches[bid] = batch
+        batch.tags[:] = (np.int64(bid) << 32) | np.arange(n, dtype=np.int64)
+        loads = [0] * len(self._queues)
+        orders: list[list[int]] = [[] for _ in self._queues]
+        for i, span in enumerate(batch.spans.tolist()):
+            s = loads.index(min(loads))
+            orders[s].append(i)
+            loads[s] += span
+        for q, order in zip(self._queues, orders, strict=True):
+            if order:
+                q.put((batch, np.asarray(order, dtype=np.int64)))
+
+    def close(self) -> None:
+        """Let every submitted batch finish, hand on its completions, then join the threads (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+        os.write(self._wfd, np.int64(_CLOSE).tobytes())
+        self._done_thread.join()
+        os.close(self._rfd)
+        os.close(self._wfd)
+
+    def _stream_loop(self, q: queue.SimpleQueue) -> None:
+        while (item := q.get()) is not None:
+            b, order = item
+            self._read(b.fd, order, b.starts, b.spans, b.addrs, b.got, b.t_ns, b.tags, self._wfd)
+
+    def _done_loop(self) -> None:
+        pending = b""
+        while True:
+            pending += os.read(self._rfd, 512 * _TAG)
+            whole = len(pending) - len(pending) % _TAG
+            tags, pending = np.frombuffer(pending[:whole], np.int64).tolist(), pending[whole:]
+            for tag in tags:
+                if tag == _CLOSE:
+                    return
+                bid, i = tag >> 32, tag & 0xFFFFFFFF
+                with self._lock:
+                    batch = self._batches[bid]
+                    batch.left -= 1
+                    if batch.left == 0:
+                        del self._batches[bid]
+                t0, t1 = batch.t_ns[2 * i] * 1e-9, batch.t_ns[2 * i + 1] * 1e-9
+                try:
+                    batch.on_done(i, int(batch.got[i]), float(t0), float(t1))
+                except BaseException:  # the caller's handler reports its own failures; never lose this thread
+                    log.exception("zipmoe: a native read's completion handler failed")
