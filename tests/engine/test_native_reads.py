@@ -69,8 +69,33 @@ def test_the_channel_reads_what_read_direct_into_reads_and_posts_one_completion_
         assert got == want
         assert np.array_equal(bufs[i][:got], data[start : start + got])
         assert 0 < t0 <= t1
-    ref = aligned_buffer(spans[0][1])
-    assert np.array_equal(read_direct_into(os.open(path, os.O_RDONLY), *spans[0], ref), bufs[0])
+    assert channel.short_or_failed == 1  # the read past the end
+    ref, fd = aligned_buffer(spans[0][1]), os.open(path, os.O_RDONLY)
+    try:
+        assert np.array_equal(read_direct_into(fd, *spans[0], ref), bufs[0])
+    finally:
+        os.close(fd)
+
+
+def test_a_stream_that_fails_posts_its_reads_failed_instead_of_stranding_them(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(4 * ALIGN))
+    channel = NativeReadChannel(1)
+    got = []
+
+    def broken(*args):
+        raise RuntimeError("dispatch failed")
+
+    monkeypatch.setattr(channel, "_read", broken)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        channel.submit(_batch(fd, [(0, ALIGN), (ALIGN, ALIGN)], [aligned_buffer(ALIGN)] * 2,
+                              lambda i, n, *_: got.append((i, n))))
+    finally:
+        channel.close()
+        os.close(fd)
+    assert sorted(got) == [(0, -1), (1, -1)]
+    assert not channel._batches
 
 
 def test_a_failed_read_posts_minus_one_and_close_joins_every_thread(tmp_path):
@@ -113,6 +138,10 @@ def test_native_reads_keep_logits_equal_and_read_the_same_bytes(converted, devic
             stats = model.zipmoe_engine.stats.snapshot()
             assert stats["hits"]["MISS"] > 0, "the budget forced no reads"
             bytes_read[native] = stats["bytes_read"]
+            channel = model.zipmoe_engine.executor._native
+            assert (channel is not None) == native
+            if native:  # every read came through the native path, none redone in Python
+                assert channel.short_or_failed == 0
         finally:
             unload(model)
     assert bytes_read[True] == bytes_read[False]
@@ -161,6 +190,7 @@ def test_a_data_file_truncated_while_open_is_reported_not_computed_with(converte
         os.truncate(cut / DATA_NAME, 3 * ALIGN)
         with pytest.raises(DataFileSizeError, match="truncated"), torch.no_grad():
             model(input_ids=padded_inputs(1)[0])
+        assert model.zipmoe_engine.executor._native.short_or_failed > 0  # it was the native read that met it
     finally:
         unload(model)
 
@@ -184,16 +214,31 @@ def test_native_reads_refuse_what_they_cannot_do(converted, conflict):
         load(store, workers=2, native_reads=True, **conflict)
 
 
-def test_closing_a_layer_early_waits_for_its_native_reads(converted):
-    """Every read a cancelled layer handed to the channel has completed (so no longer writes into the slots
-    the lease gives back) by the time closing the layer returns; the next call is still exact."""
+def test_closing_a_layer_early_waits_for_its_native_reads(converted, monkeypatch):
+    """Every read a cancelled layer handed to the channel has completed and been handed on (so nothing writes
+    into the slots the lease gives back) by the time closing the layer returns; the next call is still exact."""
+    import time
+
+    from zipmoe.engine.engine import LayerOps
+
     ckpt, store = converted
+    landed, finished = LayerOps.read_landed, []
+
+    def slow_landed(self, key, sm, seconds):
+        time.sleep(0.1)
+        landed(self, key, sm, seconds)
+        finished.append(time.perf_counter())
+
+    monkeypatch.setattr(LayerOps, "read_landed", slow_landed)
     model = load(store, memory_budget=budgets(store)["minimum"], workers=2, native_reads=True, preload=False)
     try:
         engine = model.zipmoe_engine
-        gen = engine.experts(0, [0, 1, 2, 3])  # cold: MISS loads, four reads each layer at least
+        gen = engine.experts(0, [0, 1, 2, 3])  # cold: MISS loads, two reads each
         next(gen)
         gen.close()
+        closed = time.perf_counter()
+        time.sleep(0.5)  # let any completion that was not waited for run late
+        assert all(t <= closed for t in finished), "a read of the closed layer was handed on after the close"
         channel = engine.executor._native
         assert channel is not None and not channel._batches, "a read of the closed layer is still in flight"
         ids = padded_inputs(1)[0]

@@ -142,12 +142,14 @@ class _Run:
         """Hand the whole io_queue to the native channel at once (its reads then never wait for the GIL);
         each completion comes back through native_done. Every read counts as in flight until then, so
         drain() waits for the reads a cancelled run had started."""
+        targets = []
+        for s in self.plan.io_queue:
+            try:
+                targets.append(self.ops.read_target(s.key, s.plane == Plane.SM))
+            except BaseException as exc:
+                self.fail(exc, s.key, f"preparing the read of the {s.plane.name} plane of")
+                return
         queue_ = self.plan.io_queue
-        try:
-            targets = [self.ops.read_target(s.key, s.plane == Plane.SM) for s in queue_]
-        except BaseException as exc:
-            self.fail(exc, queue_[0].key, "preparing the reads of a layer with")
-            return
         from zipmoe.store.native_reads import ReadBatch
 
         batch = ReadBatch.of(targets, self.native_done)
@@ -163,22 +165,23 @@ class _Run:
         give (EOF, EIO, a closed store)."""
         step = self.plan.io_queue[i]
         with self.cond:
-            if self.stopped:
-                self.in_flight -= 1
-                self.cond.notify_all()
-                return
+            stopped = self.stopped
         sm = step.plane == Plane.SM
         try:
-            if got == self.native_spans[i]:
+            if stopped:
+                pass
+            elif got == self.native_spans[i]:
                 self.ops.read_landed(step.key, sm, t1 - t0)
             else:
                 (self.ops.read_sm if sm else self.ops.read_e)(step.key)
                 t1 = time.perf_counter()
         except BaseException as exc:
             self.fail(exc, step.key, f"reading the {step.plane.name} plane of")
-            self.finish_op()
-            return
-        self.read_done(step, t0, t1)
+            stopped = True
+        if stopped:
+            self.finish_op()  # the read is over either way: drain() may return once every one is
+        else:
+            self.read_done(step, t0, t1)
 
     def read_done(self, step: IoStep, t0: float, t1: float) -> bool:
         """Book a finished read (from t0 to t1) and wake who waits for it; False once the run is stopped."""
@@ -311,7 +314,7 @@ class Executor:
         self._closed = False
         # native_reads: the io_threads streams are native (store/native_reads), fed a layer's reads at once
         self._native: NativeReadChannel | None = None
-        if native_reads:
+        if native_reads:  # after the checks: only the thread starts below follow it
             from zipmoe.store.native_reads import NativeReadChannel
 
             self._native = NativeReadChannel(io_threads)
