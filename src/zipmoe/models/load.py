@@ -85,8 +85,8 @@ def load(
     (two keep a read in flight while the other hands its result on); native_reads: issue each layer's reads
     from native code on io_threads streams (store/native_reads.py), so that no read waits for the GIL while
     the model's Python runs; Linux only, not with read_bytes_per_s or read_stripes > 1. None (default) = off
-    (ZIPMOE_NATIVE_READS=1 turns it on for a process), until it is measured on a GPU machine; the same bytes
-    either way. read_stripes: split each plane read
+    (ZIPMOE_NATIVE_READS=1 turns it on for a process): on the GPU machine it tied with Python reads
+    (BENCHMARKS.md, thirteenth session); the same bytes either way. read_stripes: split each plane read
     of 8 MiB or more into this many concurrent parts, so even a layer's last read keeps several requests
     at the disk (1, the default: whole-plane reads; whether 2 helps depends on the disk, measure it with
     scripts/disk_probe.py). eviction: "lrfu" (decayed

@@ -10,6 +10,9 @@ time. A layer's burst of four plane reads read at 1.55 GB/s alone and 1.24 besid
 (scripts/burst_reads.py on the device, BENCHMARKS.md thirteenth session). Here the next read is issued in
 native code at once; only the completion thread, which hands results on, waits for the GIL. The disk never
 does. Linux/POSIX only (libc pread and write; CLOCK_MONOTONIC, which time.perf_counter also reads).
+Measured in the engine on the device, it did not change TPOT (a tie at batch 1 and 16, BENCHMARKS.md thirteenth
+session): the second Python I/O thread already kept a read at the disk, and the GIL wait after a layer's last
+read only moves here. So load() leaves it off by default.
 
 Contract: every submitted read posts exactly one completion, also when it failed (bytes -1: the caller redoes
 it in Python to raise the proper error) or came up short (bytes < span). A batch, once submitted, runs to its
