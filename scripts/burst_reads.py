@@ -28,6 +28,7 @@ import threading
 import time
 
 import numpy as np
+from gil_reads import random_file, spin  # scripts/ is on sys.path when a script runs
 
 from zipmoe.engine.gil import ENGINE_SWITCH_INTERVAL_S
 from zipmoe.store.aligned import ALIGN, align_up, aligned_buffer, read_direct_into
@@ -57,14 +58,7 @@ def bursts(fd: int, size: int, rng: np.random.Generator, n: int, gap_s: float, b
     running Python without pause (the compute thread), under the engine's GIL switch interval; native: the
     reads go through store/native_reads (two native streams), timed until the last completion is handed on."""
     stop = threading.Event()
-
-    def spin() -> None:
-        x = 0
-        while not stop.is_set():
-            for i in range(200):
-                x += i
-
-    spinner = threading.Thread(target=spin) if busy else None
+    spinner = threading.Thread(target=spin, args=(stop,)) if busy else None
     if spinner:
         sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
         spinner.start()
@@ -149,12 +143,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
     size = a.size_mib << 20
-    if not os.path.exists(a.file) or os.path.getsize(a.file) != size:
-        os.makedirs(os.path.dirname(a.file) or ".", exist_ok=True)
-        with open(a.file, "wb") as f:
-            for _ in range(size >> 24):
-                f.write(os.urandom(1 << 24))
-        os.sync()
+    random_file(a.file, size)
     rng = np.random.default_rng(0)
     fd = os.open(a.file, os.O_RDONLY | os.O_DIRECT)
     try:

@@ -23,23 +23,35 @@ from zipmoe.store.aligned import aligned_buffer, read_direct_into
 EXPERT = 12 << 20  # about one Qwen1.5-MoE expert's SM plane + compressed E region
 
 
+def spin(stop: threading.Event) -> None:
+    """Run Python without pause until stop is set (the compute thread launching the model's kernels)."""
+    x = 0
+    while not stop.is_set():
+        for i in range(200):
+            x += i
+
+
+def random_file(path: str, size: int) -> None:
+    """Write `size` random bytes to path (a multiple of 16 MiB), unless a file of that size is there; synced."""
+    if not os.path.exists(path) or os.path.getsize(path) != size:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "wb") as f:
+            for _ in range(size >> 24):
+                f.write(os.urandom(1 << 24))
+        os.sync()
+
+
 def rate(fd: int, size: int, threads: int, busy_main: bool) -> float:
     """GB/s reading the whole file, one expert-sized span after another, split over `threads` threads."""
     offsets = list(range(0, size - EXPERT + 1, EXPERT))
     stop = threading.Event()
-
-    def spin() -> None:
-        x = 0
-        while not stop.is_set():
-            for i in range(200):
-                x += i
 
     def read(mine: list[int]) -> None:
         buf = aligned_buffer(EXPERT)
         for off in mine:
             read_direct_into(fd, off, EXPERT, buf, part=READ_PART, stop=lambda: False)
 
-    busy = threading.Thread(target=spin) if busy_main else None
+    busy = threading.Thread(target=spin, args=(stop,)) if busy_main else None
     if busy:
         busy.start()
     readers = [threading.Thread(target=read, args=(offsets[k::threads],)) for k in range(threads)]
@@ -62,11 +74,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
     size = a.size_mib << 20
-    if not os.path.exists(a.file) or os.path.getsize(a.file) != size:
-        os.makedirs(os.path.dirname(a.file) or ".", exist_ok=True)
-        with open(a.file, "wb") as f:
-            for _ in range(size >> 24):
-                f.write(os.urandom(1 << 24))
+    random_file(a.file, size)
     sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
     fd = os.open(a.file, os.O_RDONLY | os.O_DIRECT)
     try:
