@@ -111,6 +111,10 @@ class _Load:
         self.out: torch.Tensor | None = None  # merged BF16 [N] on the compute device
 
 
+def _plane_bytes(plane: str, entry: ExpertEntry) -> int:
+    return entry.sm.length if plane == "sm" else entry.e_length
+
+
 class LayerOps:
     """The executor's view of one wave: each method fills one buffer; any thread may call them."""
 
@@ -408,7 +412,7 @@ class Engine:
     def read_plane(self, plane: str, entry: ExpertEntry, buf: np.ndarray):
         """One read of an expert's SM plane (checksummed here) or E region (its shards are checked by the
         decode workers), honouring the bandwidth cap. Any I/O thread may call."""
-        nbytes = entry.sm.length if plane == "sm" else entry.e_length
+        nbytes = _plane_bytes(plane, entry)
         t0 = time.perf_counter()
         done_at = 0.0
         if self.read_bytes_per_s:  # the capped channel serves reads one after another at the cap, in the
@@ -429,7 +433,7 @@ class Engine:
         """What read_plane returns, for a read the native channel made into buf (reader.read_target) in
         `seconds`: the SM plane checksummed here, or the E shards' views; counted as read_plane counts."""
         out = self.reader.landed_sm(entry, buf) if plane == "sm" else self.reader.landed_e(entry, buf)
-        self._count_read(plane, entry.sm.length if plane == "sm" else entry.e_length, seconds)
+        self._count_read(plane, _plane_bytes(plane, entry), seconds)
         return out
 
     def _count_read(self, plane: str, nbytes: int, seconds: float) -> None:

@@ -137,18 +137,14 @@ def _native_reads(asked: bool | None, read_bytes_per_s: float | None, read_strip
     """Whether the executor reads natively: what was asked, checked against what native reads cannot do.
     None: ZIPMOE_NATIVE_READS=1 or 0 if set (a benchmark's A/B for a whole process), else off; where native
     reads cannot run, None falls back to Python reads and only an explicit True is an error."""
+    why_not = ("read_bytes_per_s caps reads in Python" if read_bytes_per_s else
+               "read_stripes > 1 splits reads in Python" if read_stripes > 1 else
+               None if native_reads_available() else "they need Linux (libc pread)")
     if asked is None:
-        asked = os.environ.get("ZIPMOE_NATIVE_READS", "0") == "1"
-        if read_bytes_per_s or read_stripes > 1 or not native_reads_available():
-            return False
-    if not asked:
-        return False
-    why = ("read_bytes_per_s caps reads in Python" if read_bytes_per_s else
-           "read_stripes > 1 splits reads in Python" if read_stripes > 1 else
-           None if native_reads_available() else "they need Linux (libc pread)")
-    if why:
-        raise ZipMoEError(f"native_reads=True is not possible here: {why}; pass native_reads=False")
-    return True
+        return os.environ.get("ZIPMOE_NATIVE_READS", "0") == "1" and why_not is None
+    if asked and why_not:
+        raise ZipMoEError(f"native_reads=True is not possible here: {why_not}; pass native_reads=False")
+    return asked
 
 
 def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots, experts_implementation,

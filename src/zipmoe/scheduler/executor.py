@@ -142,6 +142,8 @@ class _Run:
         """Hand the whole io_queue to the native channel at once (its reads then never wait for the GIL);
         each completion comes back through native_done. Every read counts as in flight until then, so
         drain() waits for the reads a cancelled run had started."""
+        from zipmoe.store.native_reads import ReadBatch
+
         targets = []
         for s in self.plan.io_queue:
             try:
@@ -149,15 +151,11 @@ class _Run:
             except BaseException as exc:
                 self.fail(exc, s.key, f"preparing the read of the {s.plane.name} plane of")
                 return
-        queue_ = self.plan.io_queue
-        from zipmoe.store.native_reads import ReadBatch
-
-        batch = ReadBatch.of(targets, self.native_done)
+        self.native_batch = ReadBatch.of(targets, self.native_done)
         with self.cond:
-            self.io_next = len(queue_)
-            self.in_flight += len(queue_)
-            self.native_spans = [t[2] for t in targets]
-        channel.submit(batch)
+            self.io_next = len(targets)
+            self.in_flight += len(targets)
+        channel.submit(self.native_batch)
 
     def native_done(self, i: int, got: int, t0: float, t1: float) -> None:
         """The native channel's completion of io_queue[i] (on its completion thread): finish the read, or redo
@@ -168,11 +166,9 @@ class _Run:
             stopped = self.stopped
         sm = step.plane == Plane.SM
         try:
-            if stopped:
-                pass
-            elif got == self.native_spans[i]:
+            if not stopped and got == self.native_batch.spans[i]:
                 self.ops.read_landed(step.key, sm, t1 - t0)
-            else:
+            elif not stopped:
                 (self.ops.read_sm if sm else self.ops.read_e)(step.key)
                 t1 = time.perf_counter()
         except BaseException as exc:

@@ -52,7 +52,7 @@ def _compiled():
     if _kernel is None:
         import numba
 
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         pread, write, clock = libc.pread, libc.write, libc.clock_gettime
         # pointers as size_t: the same 64-bit register as a void*, and what numba can pass from an int64 array
         pread.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64]

@@ -122,10 +122,8 @@ class StoreReader:
         buf: page-aligned uint8 (aligned_buffer) of at least max_sm_bytes. part/stop: read in parts and
         raise ReadStopped when stop() says so between two (aligned.read_direct_into; never striped).
         """
-        plane = "SM plane" if entry.mode == "split" else "raw data"
-        view = self._read(entry, plane, entry.sm.offset, entry.sm.length, buf, part, stop)
-        _verify_chunk(entry, plane, entry.sm, view)
-        return view
+        self._read(entry, _sm_label(entry), entry.sm.offset, entry.sm.length, buf, part, stop)
+        return self.landed_sm(entry, buf)
 
     def read_target(self, entry: ExpertEntry, sm: bool, buf: np.ndarray) -> tuple[int, int, int]:
         """(file start, bytes, buffer address) of the aligned read that brings the SM plane (sm) or the E region
@@ -143,11 +141,10 @@ class StoreReader:
         return self._fd
 
     def landed_sm(self, entry: ExpertEntry, buf: np.ndarray) -> np.ndarray:
-        """The verified SM plane in buf after read_target's read: what read_sm_into returns."""
-        plane = "SM plane" if entry.mode == "split" else "raw data"
+        """The verified SM plane in buf once its aligned read is in (read_target's, or read_sm_into's own)."""
         lo = entry.sm.offset % ALIGN
         view = buf[lo : lo + entry.sm.length]
-        _verify_chunk(entry, plane, entry.sm, view)
+        _verify_chunk(entry, _sm_label(entry), entry.sm, view)
         return view
 
     def landed_e(self, entry: ExpertEntry, buf: np.ndarray) -> list[np.ndarray]:
@@ -318,6 +315,10 @@ def _close(fd: int, striped: StripedReads | None) -> None:
     if striped is not None:
         striped.close()  # first: no part may still be reading from fd
     os.close(fd)
+
+
+def _sm_label(entry: ExpertEntry) -> str:
+    return "SM plane" if entry.mode == "split" else "raw data"
 
 
 def _shard_views(entry: ExpertEntry, region: np.ndarray, verify: bool) -> list[np.ndarray]:
