@@ -1,6 +1,7 @@
-"""Native reads (store/native_reads.py, load(native_reads=True)): a layer's reads issued from native code
-must bring the same bytes as the Python reads, keep logits torch.equal to transformers, report corruption and
-truncation as the Python path does, and leave no thread or descriptor behind."""
+"""Native reads (store/native_reads.py, load(native_reads=True)): a layer's reads and the prefetcher's issued
+from native code must bring the same bytes as the Python reads, keep logits torch.equal to transformers, report
+corruption and truncation as the Python path does, stop when called off, and leave no thread or descriptor
+behind."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tests.engine.engine_helpers import budgets, padded_inputs
+from tests.engine.engine_helpers import (
+    assert_cache_holds_the_stored_planes,
+    budgets,
+    padded_inputs,
+    prefetch_budget,
+    settle_prefetch,
+)
 from tests.tiny_models import build_tiny_checkpoint
 
 from zipmoe.convert import convert
@@ -19,7 +26,18 @@ from zipmoe.errors import ChecksumError, ZipMoEError
 from zipmoe.models.load import load, unload
 from zipmoe.store.aligned import ALIGN, aligned_buffer, read_direct_into
 from zipmoe.store.format import DATA_NAME, DataFileSizeError
-from zipmoe.store.native_reads import NativeReadChannel, ReadBatch, available
+from zipmoe.store.native_reads import (
+    COMPLETE,
+    FAILED,
+    SHORT,
+    STOPPED,
+    NativeReadChannel,
+    ReadBatch,
+    available,
+    stoppable_reader,
+)
+from zipmoe.store.reader import StoreReader
+from zipmoe.types import ExpertKey
 
 pytestmark = pytest.mark.skipif(not available(), reason="native reads need Linux")
 _GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
@@ -247,3 +265,128 @@ def test_closing_a_layer_early_waits_for_its_native_reads(converted, monkeypatch
             assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
     finally:
         unload(model)
+
+
+def test_the_stoppable_reader_reads_what_read_direct_into_reads_and_stops_on_its_flag(tmp_path):
+    path = tmp_path / "data.bin"
+    data = np.random.default_rng(2).integers(0, 256, 3 << 20, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    read = stoppable_reader()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, span, part in [(0, 5 * ALIGN, ALIGN), (7 * ALIGN, 64 * ALIGN, 4 * ALIGN), (0, 3 << 20, 1 << 20),
+                                  (ALIGN, 3 * ALIGN, 8 * ALIGN)]:
+            buf, flag = aligned_buffer(span), np.zeros(1, np.int64)
+            assert read(fd, start, span, buf.ctypes.data, part, flag) == (span, COMPLETE)
+            assert np.array_equal(buf, data[start : start + span])
+            assert np.array_equal(read_direct_into(fd, start, span, aligned_buffer(span), part=part), buf)
+        buf = aligned_buffer(8 * ALIGN)
+        raised = np.ones(1, np.int64)  # the first part still comes in (it is asked only between parts), no more
+        assert read(fd, 0, 8 * ALIGN, buf.ctypes.data, 2 * ALIGN, raised) == (2 * ALIGN, STOPPED)
+        end = len(data) - ALIGN
+        assert read(fd, end, 2 * ALIGN, buf.ctypes.data, ALIGN, np.zeros(1, np.int64)) == (ALIGN, SHORT)
+    finally:
+        os.close(fd)
+    fd = os.open(tmp_path, os.O_RDONLY)  # a directory: pread fails with EISDIR
+    try:
+        assert read(fd, 0, ALIGN, buf.ctypes.data, ALIGN, np.zeros(1, np.int64)) == (0, FAILED)
+    finally:
+        os.close(fd)
+
+
+def test_the_stoppable_reader_sees_a_flag_another_thread_raises_mid_read(tmp_path):
+    """The native loop reads the flag again after every pread, so a read already going stops at its next part
+    (the flag is raised only once the read is seen past its first 256 KiB)."""
+    path, span = tmp_path / "sparse.bin", 128 << 20
+    with open(path, "wb") as f:
+        f.truncate(span)  # a hole: reads cost syscalls, not disk
+    buf, flag = aligned_buffer(span), np.zeros(1, np.int64)
+    buf[:] = 0xFF
+    read, result = stoppable_reader(), []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t = threading.Thread(target=lambda: result.append(read(fd, 0, span, buf.ctypes.data, ALIGN, flag)))
+        t.start()
+        while buf[256 << 10] != 0 and t.is_alive():
+            pass
+        flag[0] = 1
+        t.join(30)
+    finally:
+        os.close(fd)
+    (got, status), = result
+    assert status == STOPPED and (256 << 10) < got < span
+    assert not buf[:got].any() and (buf[got:] == 0xFF).all()
+
+
+def test_native_prefetch_reads_stop_when_called_off_refilled_or_closed(converted):
+    """collect() for a layer that does not need the read, a hint that refills its slot set, and close() each
+    raise the flight's flag, and only then does the (stand-in) native read stop; its bytes count as wasted."""
+    import time
+
+    from zipmoe.engine.prefetch import Prefetcher
+
+    _, store = converted
+    entered, flags = threading.Semaphore(0), []
+
+    def held_until_flagged(fd, start, span, address, part, flag):
+        flags.append(flag)
+        entered.release()
+        deadline = time.perf_counter() + 5
+        while not flag[0] and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        return (ALIGN, STOPPED) if flag[0] else (span, COMPLETE)
+
+    with StoreReader(store) as reader:
+        a, c, d = ExpertKey(1, 0), ExpertKey(0, 1), ExpertKey(1, 2)
+        pf = Prefetcher(reader, 1, 1 << 20, 1 << 20, pinned=False, native=True)
+        pf._read_parts = held_until_flagged
+        try:
+            pf.hint(1, [a])
+            pf.disk_free()
+            assert entered.acquire(timeout=5)
+            t0 = time.perf_counter()
+            assert pf.collect(1, [ExpertKey(1, 3)]) == {}  # layer 1 goes on without a
+            assert pf.wait_idle(5.0) and time.perf_counter() - t0 < 2, "the called-off read did not stop"
+            assert (pf.counters.discarded, pf.counters.bytes_read, pf.counters.wasted_bytes) == (1, ALIGN, ALIGN)
+            pf.hint(1, [a])  # set 0
+            pf.disk_free()
+            assert entered.acquire(timeout=5)
+            pf.hint(0, [c])  # the other set: a's read goes on
+            time.sleep(0.05)
+            assert not flags[-1][0]
+            pf.hint(1, [d])  # refills a's set: a is called off
+            assert flags[-1][0] == 1
+            pf.disk_free()
+            assert entered.acquire(timeout=5)  # d's read, which stands in for a held read at close
+        finally:
+            t0 = time.perf_counter()
+            pf.close()
+        assert time.perf_counter() - t0 < 2 and all(f[0] for f in flags), "close did not stop the reads in flight"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_GPU)])
+def test_native_prefetch_keeps_logits_equal_and_reads_what_python_prefetch_reads(converted, device):
+    ckpt, store = converted
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="grouped_mm").to(device)
+    ids = padded_inputs(1)[0].to(device)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    want = ref.generate(input_ids=ids, **gen)
+    counted = {}
+    budget = prefetch_budget(store)
+    for native in (False, True):
+        model = load(store, device=device, memory_budget=budget, experts_implementation="grouped_mm", workers=2,
+                     prefetch=True, native_reads=native, preload=False)
+        try:
+            engine = model.zipmoe_engine
+            settle_prefetch(engine)
+            out = model.generate(input_ids=ids, **gen)
+            assert torch.equal(out.sequences, want.sequences)
+            assert all(torch.equal(a, b) for a, b in zip(out.logits, want.logits, strict=True))
+            assert (engine.prefetcher._read_parts is not None) == native
+            c = engine.prefetcher.counters.snapshot()
+            assert c["used"] > 0, f"no prefetched expert was decoded (path untested): {c}"
+            assert_cache_holds_the_stored_planes(engine)
+            counted[native] = (c["read"], c["bytes_read"], engine.stats.snapshot()["bytes_read"])
+        finally:
+            unload(model)
+    assert counted[True] == counted[False]

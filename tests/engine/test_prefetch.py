@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 import transformers
+from tests.engine.engine_helpers import assert_cache_holds_the_stored_planes, prefetch_budget, settle_prefetch
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 from zipmoe.convert import convert
 from zipmoe.models.load import load, unload
 from zipmoe.store.reader import StoreReader
-from zipmoe.types import State
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
@@ -26,11 +25,7 @@ def converted(request, tmp_path_factory):
 
 def test_prefetch_on_off_identical(converted):
     ckpt, store = converted
-    with StoreReader(store) as r:
-        numel = next(iter(r.entries.values())).numel
-        layers = len({k.layer for k in r.entries})
-        dense = sum(p.stat().st_size for p in r.dense_files())
-    budget = dense + 8 * numel * 6 + 4 * numel * 8 + layers * numel  # forces misses; room for read-ahead
+    budget = prefetch_budget(store)  # forces misses; room for read-ahead
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
     ids = torch.randint(3, 150, (1, 6), generator=torch.Generator().manual_seed(2))
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
@@ -50,49 +45,11 @@ def test_prefetch_on_off_identical(converted):
                 assert counters["hinted"] > 0 and counters["read"] > 0, counters
                 assert counters["used"] > 0, f"no prefetched expert was decoded (path untested): {counters}"
                 assert engine.stats.snapshot()["prefetch_bytes_read"] > 0
-                _assert_cache_holds_the_stored_planes(engine)
+                assert_cache_holds_the_stored_planes(engine)
             else:
                 assert engine.prefetcher is None and engine.hint is None
         finally:
             unload(model)
-
-
-def settle_prefetch(engine) -> None:
-    """Let every hinted read finish before the next hint (which drops the reads still queued) and before
-    its layer collects (the last MoE layer hints nothing): what is prefetched, and so what the cache holds
-    afterwards, then no longer depends on thread timing, and the prefetched-decode path is met on every run,
-    not on lucky ones (full-suite runs met it 0 times, about one in eight)."""
-    prefetcher, hint, collect = engine.prefetcher, engine.hint, engine._collect
-
-    def settled_hint(layer: int, experts: list[int]) -> None:
-        assert prefetcher.wait_idle(timeout_s=30), "a prefetch read did not finish in 30 s"
-        hint(layer, experts)
-
-    def settled_collect(layer: int, keys: list) -> dict:
-        assert prefetcher.wait_idle(timeout_s=30, layer=layer), f"layer {layer}'s prefetch reads did not finish"
-        return collect(layer, keys)
-
-    engine.hint, engine._collect = settled_hint, settled_collect
-
-
-def _assert_cache_holds_the_stored_planes(engine) -> None:
-    """Planes the cache kept (prefetched experts' included, copied shard by shard by the workers) are
-    byte for byte what the store holds, so later hits decode the right weights."""
-    reader, cache = engine.reader, engine.cache
-    sm_buf, e_buf = reader.new_sm_buffer(), reader.new_e_buffer()
-    checked = 0
-    for key, entry in reader.entries.items():
-        state = cache.state(key)
-        if state in (State.C, State.S):
-            assert np.array_equal(cache.sm_view(key)[: entry.numel], reader.read_sm_into(entry, sm_buf)), key
-            checked += 1
-        if state in (State.C, State.E):
-            held = engine._split_shards(entry, cache.e_view(key))
-            for a, b in zip(held, reader.read_e_into(entry, e_buf), strict=True):
-                assert np.array_equal(a, b), key
-            checked += 1
-    if any(cache.capacity[p] for p in (State.C, State.S, State.E)):
-        assert checked > 0, "the cache has host pools but holds no planes: nothing was checked"
 
 
 def test_the_trace_counts_every_byte_the_layers_read(converted):

@@ -12,8 +12,11 @@ GIL before it can start the next part: with one thread the disk idles for that w
 A misprediction costs at most one part (READ_PART) of each read in flight when the next layer starts:
 the layer waits for those reads only if it needs their experts, else they stop at their next part
 boundary, so they do not share the disk with the layer's own reads for long; queued reads are dropped.
-Every byte the threads read is counted, kept or not. Slots come in two sets used by alternate hints,
-so a set being decoded by layer l+1 is never overwritten by the reads for layer l+2. Sizes in bytes.
+Every byte the threads read is counted, kept or not. With native=True (load(native_reads=True)) a read thread
+reads each plane in one native call (store/native_reads.stoppable_reader) that goes from part to part without
+the GIL and stops on its flight's flag, which the compute thread sets where it calls the read off.
+Slots come in two sets used by alternate hints, so a set being decoded by layer l+1 is never overwritten by the
+reads for layer l+2. Sizes in bytes.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from zipmoe.cache.slabs import HostSlab
+from zipmoe.store import native_reads
 from zipmoe.store.aligned import ReadStopped
 from zipmoe.store.format import ExpertEntry
 from zipmoe.store.reader import StoreReader
@@ -41,12 +45,13 @@ READ_THREADS = 2
 @dataclass(eq=False)
 class _Flight:
     """One read in flight: its expert, slot, the fill of the slot set it was queued under, and whether it
-    was called off (its layer started without needing it)."""
+    was called off (its layer started without needing it). flag[0] != 0 tells a native read to stop."""
 
     key: ExpertKey
     slot: int
     fill: int
     drop: bool = False
+    flag: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
 
 
 @dataclass
@@ -67,13 +72,15 @@ class PrefetchCounters:
 
 class Prefetcher:
     """See the module docstring. `slots` experts per set; two sets; pinned host memory on CUDA; `threads`
-    read threads (default READ_THREADS, read at call time so a benchmark can A/B it)."""
+    read threads (default READ_THREADS, read at call time so a benchmark can A/B it); native: read in native
+    code (compiled here, so a failure shows at load)."""
 
     def __init__(self, reader: StoreReader, slots: int, sm_stride: int, e_stride: int, pinned: bool,
-                 part: int = READ_PART, threads: int | None = None):
+                 part: int = READ_PART, threads: int | None = None, native: bool = False):
         n_threads = READ_THREADS if threads is None else threads
         if n_threads < 1:
             raise ValueError(f"a prefetcher needs at least one read thread, got threads={threads}")
+        self._read_parts = native_reads.stoppable_reader() if native else None
         self.reader, self.slots, self.part = reader, slots, part
         self._sm = HostSlab(2 * slots, sm_stride, pinned=pinned)
         self._e = HostSlab(2 * slots, e_stride, pinned=pinned)
@@ -110,6 +117,7 @@ class Prefetcher:
             self._done = {k: v for k, v in self._done.items() if v[2] // self.slots != self._set}
             self._jobs = [(layer, self.reader.entries[k], base + i) for i, k in enumerate(keys)]
             self.counters.hinted += len(keys)
+            self._flag_unwanted()
             self._cv.notify_all()
 
     def layer_started(self) -> None:
@@ -131,6 +139,7 @@ class Prefetcher:
             self._jobs = [j for j in self._jobs if j[0] != layer]
             for f in self._flights:
                 f.drop = f.drop or f.key not in needed
+            self._flag_unwanted()
             while any(not f.drop for f in self._flights):
                 self._cv.wait()
             got = {k: v[:2] for k, v in self._done.items() if k.layer == layer}
@@ -152,6 +161,7 @@ class Prefetcher:
     def close(self) -> None:
         with self._cv:
             self._stop = True
+            self._flag_unwanted()
             self._cv.notify_all()
         for t in self._threads:
             t.join()
@@ -194,6 +204,12 @@ class Prefetcher:
                     self.counters.wasted_bytes += nbytes
                 self._cv.notify_all()
 
+    def _flag_unwanted(self) -> None:
+        """Raise the flag of every flight now unwanted, for native reads (caller holds the lock)."""
+        for f in self._flights:
+            if self._unwanted(f):
+                f.flag[0] = 1
+
     def _unwanted(self, flight: _Flight) -> bool:
         """The read was called off: its layer started without it, its slot set was refilled since, or the
         prefetcher is closing. Read without the lock between two parts (single attribute reads)."""
@@ -203,6 +219,9 @@ class Prefetcher:
         """(SM plane or None, bytes the disk delivered) of one expert's SM + E read into its slot, in parts that
         stop once the read is unwanted. None also for a bad chunk: the normal read path reports it when the
         expert is needed."""
+        if self._read_parts is not None:
+            return self._read_native(entry, flight)
+
         def stop() -> bool:
             return self._unwanted(flight)
 
@@ -216,3 +235,26 @@ class Prefetcher:
             return None, done + exc.bytes_read
         except Exception:  # read whole, then failed its checksum
             return None, done + (entry.e_length if done else entry.sm.length)
+
+    def _read_native(self, entry: ExpertEntry, flight: _Flight) -> tuple[np.ndarray | None, int]:
+        """_read in native code: each plane's aligned read in parts without the GIL, stopping on flight.flag;
+        bytes counted as _read counts them. A failed, short or corrupt read gives None, as there."""
+        done, sm = 0, None
+        try:
+            for is_sm, buf in ((True, self._sm.views[flight.slot]), (False, self._e.views[flight.slot])):
+                if not is_sm and not entry.e_shards:
+                    break
+                start, span, address = self.reader.read_target(entry, is_sm, buf)
+                got, status = self._read_parts(self.reader.fd, start, span, address, self.part, flight.flag)
+                if status != native_reads.COMPLETE:
+                    return None, done + got
+                done += entry.sm.length if is_sm else entry.e_length
+                # checked like read_sm_into / read_e_into(verify=True): the engine decodes these as verified
+                if is_sm:
+                    sm = self.reader.landed_sm(entry, buf)
+                else:
+                    for i, view in enumerate(self.reader.landed_e(entry, buf)):
+                        self.reader.verify_shard(entry, i, view)
+        except Exception:  # a bad chunk, or the store closing: the normal read path reports it when needed
+            return None, done
+        return sm, done

@@ -83,8 +83,9 @@ def load(
 
     workers: decode threads (default: cores − 1, at most 8); io_threads: threads of the read channel
     (two keep a read in flight while the other hands its result on); native_reads: issue each layer's reads
-    from native code on io_threads streams (store/native_reads.py), so that no read waits for the GIL while
-    the model's Python runs; Linux only, not with read_bytes_per_s or read_stripes > 1. None (default) = off
+    from native code on io_threads streams (store/native_reads.py), and the prefetcher's in native calls
+    that go from part to part, so that no read waits for the GIL while the model's Python runs; Linux only,
+    not with read_bytes_per_s or read_stripes > 1. None (default) = off
     (ZIPMOE_NATIVE_READS=1 turns it on for a process): on the GPU machine it tied with Python reads
     (BENCHMARKS.md, thirteenth session); the same bytes either way. read_stripes: split each plane read
     of 8 MiB or more into this many concurrent parts, so even a layer's last read keeps several requests
@@ -208,7 +209,7 @@ def _load(reader, device, memory_budget, workers, io_threads, eviction, staging_
         coder = get_coder(reader.manifest.codec_id, **reader.manifest.codec_params)
         executor = Executor(workers, io_threads, native_reads=native_reads)
         prefetcher = Prefetcher(reader, top_k, per_entry[State.S], per_entry[State.E],
-                                pinned=device.type == "cuda") if prefetch else None
+                                pinned=device.type == "cuda", native=native_reads) if prefetch else None
         engine = Engine(reader, cache, executor, coder, costs, device, shapes, slots, read_bytes_per_s, pools,
                         prefetcher, late_merge=late_merge)
     except BaseException:  # nothing may keep running (threads) or held (slabs) after a failed load

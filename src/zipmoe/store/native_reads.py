@@ -18,6 +18,9 @@ Contract: every submitted read posts exactly one completion, also when it failed
 it in Python to raise the proper error) or came up short (bytes < span). A batch, once submitted, runs to its
 end: cancelling is the caller's business (it skips the completions); nothing writes into a batch's buffers
 after its last completion has been handed on. Sizes in bytes.
+
+stoppable_reader() is the other entry point: one read, issued by its calling thread in parts from native code,
+that stops at a part boundary once a flag is set (the prefetcher's reads, engine/prefetch.py).
 """
 
 from __future__ import annotations
@@ -46,21 +49,27 @@ def available() -> bool:
     return sys.platform.startswith("linux")
 
 
+def _libc():
+    """libc's pread, write and clock_gettime for numba to call, pointers as size_t (the same 64-bit register as a
+    void*, and what numba can pass from an int64 array)."""
+    libc = ctypes.CDLL(None)
+    pread, write, clock = libc.pread, libc.write, libc.clock_gettime
+    pread.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64]
+    pread.restype = ctypes.c_ssize_t
+    write.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t]
+    write.restype = ctypes.c_ssize_t
+    clock.argtypes = [ctypes.c_int, ctypes.c_size_t]
+    clock.restype = ctypes.c_int
+    return pread, write, clock
+
+
 def _compiled():
     """read_list, compiled at first use (not cached on disk: numba does not cache functions calling ctypes)."""
     global _kernel
     if _kernel is None:
         import numba
 
-        libc = ctypes.CDLL(None)
-        pread, write, clock = libc.pread, libc.write, libc.clock_gettime
-        # pointers as size_t: the same 64-bit register as a void*, and what numba can pass from an int64 array
-        pread.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64]
-        pread.restype = ctypes.c_ssize_t
-        write.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t]
-        write.restype = ctypes.c_ssize_t
-        clock.argtypes = [ctypes.c_int, ctypes.c_size_t]
-        clock.restype = ctypes.c_int
+        pread, write, clock = _libc()
         monotonic = 1  # CLOCK_MONOTONIC on Linux
 
         def read_list(fd, order, starts, spans, addrs, got, t_ns, tags, pipe_fd):  # pragma: no cover (native)
@@ -85,6 +94,62 @@ def _compiled():
 
         _kernel = numba.njit(nogil=True)(read_list)
     return _kernel
+
+
+# what read_parts reports (its second value)
+COMPLETE, STOPPED, SHORT, FAILED = 0, 1, 2, 3
+_parts_kernel = None
+
+
+def stoppable_reader() -> Callable[[int, int, int, int, int, np.ndarray], tuple[int, int]]:
+    """read_parts(fd, start, span, address, part, flag) -> (bytes read, COMPLETE | STOPPED | SHORT | FAILED),
+    compiled now (about a second, once per process).
+
+    It reads [start, start + span) of fd into the buffer at `address` in reads of at most `part` bytes, in
+    native code without the GIL, and stops before any part but the first once flag[0] != 0: the prefetcher's
+    reads, which must stop at a part boundary when their guess turns out wrong, and whose Python twin
+    (aligned.read_direct_into with stop=) waits for the GIL between parts while the compute thread runs the
+    model's Python, the time prefetch reads in. Another thread sets the flag; the loop reads it again after
+    every pread (an opaque call, so the compiler cannot keep it in a register)."""
+    global _parts_kernel
+    if not available():
+        raise ZipMoEError("native reads need Linux (libc pread); load(native_reads=False) reads in Python")
+    if _parts_kernel is None:
+        import numba
+
+        pread = _libc()[0]
+
+        def read_parts(fd, start, span, addr, part, flag, out):  # pragma: no cover (native)
+            done = 0
+            status = 0
+            while done < span:
+                if done and flag[0] != 0:
+                    status = 1
+                    break
+                n = pread(fd, addr + done, min(part, span - done), start + done)
+                if n < 0:
+                    status = 3
+                    break
+                if n == 0:
+                    status = 2
+                    break
+                done += n
+            out[0] = done
+            out[1] = status
+            return 0
+
+        kernel = numba.njit(nogil=True)(read_parts)
+        none = np.zeros(2, np.int64)
+        kernel(-1, 0, 0, 0, 1, none, none)  # compile now: a failure shows where the reader is made
+        _parts_kernel = kernel
+    kernel = _parts_kernel
+
+    def read(fd: int, start: int, span: int, address: int, part: int, flag: np.ndarray) -> tuple[int, int]:
+        out = np.zeros(2, np.int64)
+        kernel(fd, start, span, address, part, flag, out)
+        return int(out[0]), int(out[1])
+
+    return read
 
 
 @dataclass(eq=False)
