@@ -187,6 +187,28 @@ def test_rerun_skips_complete_runs_and_resumes_a_partial_one(suite: Path) -> Non
     assert f"    {first}" in text and f"    {second}" in text
 
 
+def test_a_later_call_asking_for_another_batch_size_adds_it_to_a_complete_run(suite: Path, tmp_path: Path) -> None:
+    """Runs are one file per system × budget: a call with --batches 2 after one with --batches 1 must measure
+    batch 2, not skip the run as done (on the device it did, 15 s of nothing, fourteenth session)."""
+    work = tmp_path / "e2e"
+    shutil.copytree(suite, work, ignore=shutil.ignore_patterns("runs"))
+    at = ARGS.index("--batches")
+    assert ARGS[at + 1 : at + 3] == ["1", "2"]
+    first = ARGS[: at + 2] + ARGS[at + 3 :]  # --batches 1
+    assert e2e.main(["--workdir", str(work), "--systems", "zipmoe", *first]) == 0
+    path = next(work.glob("runs/*/zipmoe__0.25.json"))
+    before = json.loads(path.read_text())
+    assert before["status"] == "complete" and set(before["batches"]) == {"1"}
+    assert e2e.main(["--workdir", str(work), "--systems", "zipmoe", *ARGS]) == 0  # --batches 1 2
+    after = json.loads(path.read_text())
+    assert after["status"] == "complete" and set(after["batches"]) == {"1", "2"}
+    assert after["batches"]["1"] == before["batches"]["1"], "the batch already measured was redone"
+    assert len(after["batches"]["2"]["records"]) == 1 and len(after["commands"]) == 2
+    mtime = path.stat().st_mtime_ns
+    assert e2e.main(["--workdir", str(work), "--systems", "zipmoe", *ARGS]) == 0  # nothing left: skipped
+    assert path.stat().st_mtime_ns == mtime
+
+
 def test_system_interface_and_deadline_stop(suite: Path) -> None:
     setup = Setup(workdir=str(suite), hf_dir=str(suite / "hf"), stores={"huffman": str(suite / "store-huffman")},
                   device="cpu", workers=1, disk_bytes_per_s=1e9, routing_profile="qwen1.5-moe-a2.7b", seed=0,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tests.engine.test_prefetch import _assert_cache_holds_the_stored_planes, settle_prefetch
+from tests.engine.engine_helpers import assert_cache_holds_the_stored_planes, settle_prefetch
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 from zipmoe.codec import merge_into, split_bf16
@@ -161,7 +161,7 @@ def test_late_merge_gives_the_reference_logits_in_every_state(converted, prefetc
         hits = engine.stats.snapshot()["hits"]
         assert all(hits[s] > 0 for s in met), hits
         assert engine.cache.budget.used() <= engine.cache.budget.total
-        _assert_cache_holds_the_stored_planes(engine)
+        assert_cache_holds_the_stored_planes(engine)
     finally:
         unload(model)
 
