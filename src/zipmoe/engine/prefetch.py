@@ -237,8 +237,9 @@ class Prefetcher:
             return None, done + (entry.e_length if done else entry.sm.length)
 
     def _read_native(self, entry: ExpertEntry, flight: _Flight) -> tuple[np.ndarray | None, int]:
-        """_read in native code: each plane's aligned read in parts without the GIL, stopping on flight.flag;
-        bytes counted as _read counts them. A failed, short or corrupt read gives None, as there."""
+        """_read in native code: each plane's aligned read in parts without the GIL, stopping on flight.flag.
+        Bytes are counted as _read counts them for a read that completes, stops or fails its check; a short or
+        failed pread counts what it delivered. Any failure gives None, as there."""
         done, sm = 0, None
         try:
             for is_sm, buf in ((True, self._sm.views[flight.slot]), (False, self._e.views[flight.slot])):
@@ -253,8 +254,7 @@ class Prefetcher:
                 if is_sm:
                     sm = self.reader.landed_sm(entry, buf)
                 else:
-                    for i, view in enumerate(self.reader.landed_e(entry, buf)):
-                        self.reader.verify_shard(entry, i, view)
+                    self.reader.landed_e(entry, buf, verify=True)
         except Exception:  # a bad chunk, or the store closing: the normal read path reports it when needed
             return None, done
         return sm, done

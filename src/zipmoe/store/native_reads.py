@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zipmoe.errors import ZipMoEError
+from zipmoe.store.aligned import ALIGN
 
 log = logging.getLogger(__name__)
 _TAG = 8  # bytes per completion message on the pipe (<= PIPE_BUF, so each write is atomic)
@@ -96,58 +97,70 @@ def _compiled():
     return _kernel
 
 
-# what read_parts reports (its second value)
+# what read_parts reports (its second value; the kernel takes them as compile-time constants)
 COMPLETE, STOPPED, SHORT, FAILED = 0, 1, 2, 3
 _parts_kernel = None
+
+
+def _flag_loader():
+    """load_flag(address) -> int64: an atomic (monotonic) load, so the read loop fetches the flag from memory on
+    every pass, whatever the compiler could prove about the loop (a plain load may legally be hoisted)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def load_flag(typingctx, address):
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+            return builder.load_atomic(ptr, "monotonic", 8)
+
+        return types.int64(types.uintp), codegen
+
+    return load_flag
 
 
 def stoppable_reader() -> Callable[[int, int, int, int, int, np.ndarray], tuple[int, int]]:
     """read_parts(fd, start, span, address, part, flag) -> (bytes read, COMPLETE | STOPPED | SHORT | FAILED),
     compiled now (about a second, once per process).
 
-    It reads [start, start + span) of fd into the buffer at `address` in reads of at most `part` bytes, in
-    native code without the GIL, and stops before any part but the first once flag[0] != 0: the prefetcher's
-    reads, which must stop at a part boundary when their guess turns out wrong, and whose Python twin
-    (aligned.read_direct_into with stop=) waits for the GIL between parts while the compute thread runs the
-    model's Python, the time prefetch reads in. Another thread sets the flag; the loop reads it again after
-    every pread (an opaque call, so the compiler cannot keep it in a register)."""
+    It reads [start, start + span) of fd into the buffer at `address` in reads of at most `part` bytes (a
+    positive multiple of 4096), in native code without the GIL, and stops before any part but the first once
+    flag[0] != 0 (flag: a 1-element int64 array another thread sets). For the prefetcher's reads, which must
+    stop at a part boundary when their guess turns out wrong, and whose Python twin (aligned.read_direct_into
+    with stop=) waits for the GIL between parts while the compute thread runs the model's Python, the time
+    prefetch reads in. A pread that fails (EINTR included) ends the read as FAILED: the caller drops it."""
     global _parts_kernel
     if not available():
         raise ZipMoEError("native reads need Linux (libc pread); load(native_reads=False) reads in Python")
     if _parts_kernel is None:
         import numba
 
-        pread = _libc()[0]
+        pread, load_flag = _libc()[0], _flag_loader()
 
-        def read_parts(fd, start, span, addr, part, flag, out):  # pragma: no cover (native)
+        def read_parts(fd, start, span, addr, part, flag_at):  # pragma: no cover (native)
             done = 0
-            status = 0
             while done < span:
-                if done and flag[0] != 0:
-                    status = 1
-                    break
+                if done and load_flag(flag_at) != 0:
+                    return done, STOPPED
                 n = pread(fd, addr + done, min(part, span - done), start + done)
                 if n < 0:
-                    status = 3
-                    break
+                    return done, FAILED
                 if n == 0:
-                    status = 2
-                    break
+                    return done, SHORT
                 done += n
-            out[0] = done
-            out[1] = status
-            return 0
+            return done, COMPLETE
 
-        kernel = numba.njit(nogil=True)(read_parts)
-        none = np.zeros(2, np.int64)
-        kernel(-1, 0, 0, 0, 1, none, none)  # compile now: a failure shows where the reader is made
+        kernel = numba.njit("UniTuple(int64, 2)(int64, int64, int64, uint64, int64, uint64)", nogil=True)(read_parts)
         _parts_kernel = kernel
     kernel = _parts_kernel
 
     def read(fd: int, start: int, span: int, address: int, part: int, flag: np.ndarray) -> tuple[int, int]:
-        out = np.zeros(2, np.int64)
-        kernel(fd, start, span, address, part, flag, out)
-        return int(out[0]), int(out[1])
+        if part <= 0 or part % ALIGN:
+            raise ValueError(f"read parts must be positive multiples of {ALIGN} bytes, got {part}")
+        if flag.dtype != np.int64 or flag.size < 1:
+            raise ValueError(f"the stop flag must be an int64 array, got {flag.dtype} {flag.shape}")
+        return kernel(fd, start, span, address, part, flag.ctypes.data)
 
     return read
 

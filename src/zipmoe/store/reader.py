@@ -147,11 +147,11 @@ class StoreReader:
         _verify_chunk(entry, _sm_label(entry), entry.sm, view)
         return view
 
-    def landed_e(self, entry: ExpertEntry, buf: np.ndarray) -> list[np.ndarray]:
-        """The K E-shard views in buf after read_target's read, unverified: what read_e_into(verify=False)
-        returns (the decode workers check each shard)."""
+    def landed_e(self, entry: ExpertEntry, buf: np.ndarray, verify: bool = False) -> list[np.ndarray]:
+        """The K E-shard views in buf after read_target's read: what read_e_into(verify=verify) returns
+        (unverified by default: the decode workers check each shard)."""
         lo = entry.e_offset % ALIGN
-        return _shard_views(entry, buf[lo : lo + entry.e_length], verify=False)
+        return _shard_views(entry, buf[lo : lo + entry.e_length], verify=verify)
 
     def read_e_into(self, entry: ExpertEntry, buf: np.ndarray, verify: bool = True, *, part: int | None = None,
                     stop: Callable[[], bool] | None = None) -> list[np.ndarray]:
