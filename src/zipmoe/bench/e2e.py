@@ -177,7 +177,7 @@ def _isolation(system_name: str, mode: str, budget: Budget, setup: Setup, slack:
     why = why if mode != "inline" else "--isolation inline"
     if mode != "inline" and drop_caches():
         return f"caches dropped before the run (no cgroup: {why}); not bounded during it", None
-    advised = evict_files([setup.hf_dir])
+    advised = evict_files(make_system(system_name).page_cache_files(setup))
     return (f"model files evicted with posix_fadvise before the run ({advised} B; no cgroup: {why}; "
             "drop_caches not permitted); not bounded during it"), None
 
@@ -219,7 +219,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, str]:
     for name in names:
         if name not in SYSTEMS:
             raise ZipMoEError(f"unknown system {name!r} in --systems: choose from {', '.join(SYSTEMS)}")
-    setup, info = prepare_workdir(args, need_raw="uncompressed" in names, need_offload="accelerate" in names)
+    setup, info = prepare_workdir(args, need_raw="uncompressed" in names, need_offload="accelerate" in names,
+                                  need_gguf="llama.cpp" in names)
     params = run_params(args, setup)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     runs_dir = Path(args.workdir) / "runs" / digest

@@ -1,7 +1,7 @@
 """The systems `zipmoe bench e2e` compares, one module each, behind one interface (base.HFSystem).
 
     system = make_system("zipmoe")            # zipmoe | uncompressed | accelerate | transformers
-    system.unavailable()                      # reason it cannot run here, or None  (llama.cpp, dfloat11)
+    system.unavailable()                      # reason it cannot run here, or None  (llama.cpp unbuilt, dfloat11)
     system.prepare(setup, budget)             # load under the budget, hook the calibrated routing
     record = system.run(prompts, new_tokens)  # one left-padded batch -> metrics record
     system.close()
@@ -21,8 +21,8 @@ SYSTEMS: dict[str, tuple[str, str]] = {
     "uncompressed": ("zipmoe.bench.baselines.uncompressed", "UncompressedSystem"),
     "accelerate": ("zipmoe.bench.baselines.accelerate_offload", "AccelerateSystem"),
     "transformers": ("zipmoe.bench.baselines.transformers_ref", "TransformersSystem"),
-    "llama.cpp": ("zipmoe.bench.baselines.optional", "LlamaCppSystem"),
-    "dfloat11": ("zipmoe.bench.baselines.optional", "DFloat11System"),
+    "llama.cpp": ("zipmoe.bench.baselines.llama_cpp", "LlamaCppSystem"),
+    "dfloat11": ("zipmoe.bench.baselines.dfloat11", "DFloat11System"),
 }
 
 # not compared, never in --systems: what `bench e2e --warm-process attention` replays the workload on

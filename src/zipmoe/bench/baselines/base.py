@@ -134,6 +134,11 @@ class HFSystem:
         """The budgets this system runs at (the all-resident ceiling runs once)."""
         return budgets
 
+    def page_cache_files(self, setup: Setup) -> list[str]:
+        """The files it reads through the page cache, which the suite evicts before its run where no cgroup
+        bounds the page cache (bench/e2e.py _isolation)."""
+        return [setup.hf_dir]
+
     def _load(self, setup: Setup, budget: Budget) -> torch.nn.Module:
         raise NotImplementedError
 

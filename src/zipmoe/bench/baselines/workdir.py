@@ -2,7 +2,8 @@
 
 bench stage, step 1 of `zipmoe bench e2e` (resumable: each artefact is reused when complete and
 rebuilt when a killed call left it partial): hf/ (synthetic HF checkpoint, index written last),
-store-huffman/ and store-raw/ (manifest written last), setup.json (measured O_DIRECT bandwidth).
+store-huffman/ and store-raw/ (manifest written last), gguf/ (llama.cpp's BF16 copy, renamed into place
+when whole), setup.json (measured O_DIRECT bandwidth).
 Also the provenance every run JSON carries: machine and commit. Sizes in bytes, times in s.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from zipmoe.bench.baselines.base import Setup
+from zipmoe.bench.baselines.llama_cpp import convert_to_gguf, gguf_path, llama_cpp_build
 from zipmoe.bench.baselines.zipmoe_engine import store_geometry
 from zipmoe.bench.synth import build_synthetic, scaled_config, tensor_table
 from zipmoe.convert import convert
@@ -128,20 +130,25 @@ def _store(hf: Path, dest: Path, coder: str, workers: int) -> None:
         convert(hf, dest, coder=coder, workers=workers, overwrite=dest.exists(), progress=False)
 
 
-def prepare_workdir(args: Any, need_raw: bool, need_offload: bool = False) -> tuple[Setup, dict[str, Any]]:
+def prepare_workdir(args: Any, need_raw: bool, need_offload: bool = False,
+                    need_gguf: bool = False) -> tuple[Setup, dict[str, Any]]:
     """Build/convert/measure what is missing; the Setup for every system and the model facts.
 
-    need_raw: also the uncompressed store; need_offload: room for Accelerate's offload folder.
+    need_raw: also the uncompressed store; need_offload: room for Accelerate's offload folder;
+    need_gguf: llama.cpp's GGUF copy too, where a llama.cpp build is named (else its system reports why not).
     """
     work = Path(args.workdir)
     args.workers_total = (args.workers or default_workers()) + 1
     hf = work / "hf"
-    _checkpoint(args, hf, 1.7 + need_raw + need_offload)  # checkpoint 1, Huffman store ~0.7, others ~1
+    _checkpoint(args, hf, 1.7 + need_raw + need_offload + need_gguf)  # checkpoint 1, Huffman store ~0.7, others ~1
     stores = {"huffman": work / "store-huffman"}
     if need_raw:
         stores["raw"] = work / "store-raw"
     for coder, dest in stores.items():
         _store(hf, dest, coder, args.workers_total)
+    if need_gguf and not isinstance(found := llama_cpp_build(), str) and not gguf_path(work).is_file():
+        seconds = convert_to_gguf(found[1], str(hf), gguf_path(work))
+        print(f"e2e: converted the checkpoint to {gguf_path(work)} in {seconds:.0f} s", flush=True)
     geos = {c: store_geometry(d, args.device) for c, d in stores.items()}
     geometry = {**geos["huffman"], "staging": max(g["staging"] for g in geos.values())}
     setup_file = work / "setup.json"

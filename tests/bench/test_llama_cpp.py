@@ -1,0 +1,120 @@
+"""The e2e suite's llama.cpp system: finding a build, converting a checkpoint to GGUF, serving batches.
+
+The first tests run everywhere (CI has no llama.cpp build). Those marked llama_cpp need the build that
+ZIPMOE_LLAMA_CPP names (`bash scripts/llama_cpp_build.sh <sdist> <dir>`) and run with `pytest -m llama_cpp`
+where it exists (the dev machine and the device); CI deselects them like the GPU tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from zipmoe.bench import e2e, report
+from zipmoe.bench.baselines import Budget, Setup
+from zipmoe.bench.baselines.llama_cpp import ENV, LlamaCppSystem, convert_to_gguf, llama_cpp_build
+from zipmoe.bench.prompts import Prompt
+from zipmoe.errors import ZipMoEError
+
+ARGS = ["--isolation", "inline", "--layers", "2", "--scale", "0.25", "--budgets", "0.25", "--batches", "1", "2",
+        "--prompts", "2", "--max-prompt-len", "16", "--new-tokens", "3", "--device", "cpu", "--workers", "1"]
+
+
+def test_a_missing_or_incomplete_build_is_reported_with_how_to_make_one(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    assert "is not set" in llama_cpp_build() and "scripts/llama_cpp_build.sh" in llama_cpp_build()
+    monkeypatch.setenv(ENV, str(tmp_path))
+    assert "no executable build/bin/llama-server" in llama_cpp_build()
+    server = tmp_path / "build" / "bin" / "llama-server"
+    server.parent.mkdir(parents=True)
+    server.write_text("#!/bin/sh\n")
+    server.chmod(0o755)
+    assert "no source/convert_hf_to_gguf.py" in llama_cpp_build()
+    assert LlamaCppSystem().unavailable() == llama_cpp_build()
+
+
+def test_a_failed_conversion_raises_and_leaves_no_gguf(tmp_path: Path) -> None:
+    script = tmp_path / "llama.cpp" / "convert_hf_to_gguf.py"  # no conversion/ package beside it
+    script.parent.mkdir()
+    script.write_text("raise SystemExit('unreachable')\n")
+    out = tmp_path / "gguf" / "model-bf16.gguf"
+    with pytest.raises(ZipMoEError, match=r"convert_hf_to_gguf\.py failed"):
+        convert_to_gguf(script, str(tmp_path), out)
+    assert not out.exists() and not list(out.parent.glob("*.part"))
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One suite run of llama.cpp next to transformers, on a tiny model on the CPU."""
+    found = llama_cpp_build()
+    assert not isinstance(found, str), found  # selected with -m llama_cpp: a missing build is a failure
+    work = tmp_path_factory.mktemp("e2e")
+    assert e2e.main(["--workdir", str(work), "--systems", "llama.cpp,transformers", "--report", *ARGS]) == 0
+    return work
+
+
+@pytest.fixture(scope="module")
+def gguf_module(suite: Path) -> ModuleType:
+    """llama.cpp's own GGUF reader (gguf-py), from the build's source."""
+    found = llama_cpp_build()
+    assert not isinstance(found, str), found
+    sys.path.insert(0, str(found[1].parent / "gguf-py"))
+    try:
+        import gguf
+    finally:
+        sys.path.pop(0)
+    return gguf
+
+
+@pytest.mark.llama_cpp
+def test_the_gguf_has_the_models_tensors_and_a_placeholder_vocabulary(
+        suite: Path, gguf_module: ModuleType) -> None:
+    gguf = gguf_module
+    reader = gguf.GGUFReader(str(suite / "gguf" / "model-bf16.gguf"))
+    config = json.loads((suite / "hf" / "config.json").read_text())
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == config["vocab_size"]
+    names = {t.name for t in reader.tensors}
+    for layer in range(config["num_hidden_layers"]):
+        assert f"blk.{layer}.ffn_gate_exps.weight" in names and f"blk.{layer}.ffn_down_shexp.weight" in names
+    experts = next(t for t in reader.tensors if t.name == "blk.0.ffn_up_exps.weight")
+    assert experts.tensor_type == gguf.GGMLQuantizationType.BF16  # unquantized, like every other system
+    assert list(experts.shape) == [config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]]
+
+
+@pytest.mark.llama_cpp
+def test_the_suite_runs_llama_cpp_at_each_batch_size_and_reports_it(suite: Path) -> None:
+    run = {d["system"]: d for d in report.load_runs(suite)}["llama.cpp"]
+    assert run["status"] == "complete", run.get("reason")
+    assert "--n-cpu-moe" not in run["system_info"]["command"]  # on a CPU every weight is on the CPU already
+    for batch in ("1", "2"):
+        for rec in run["batches"][batch]["records"]:
+            assert rec["rows"] == int(batch) and rec["new_tokens"] == 3 and rec["own_routing"]
+            assert 0 < rec["ttft_s"] <= rec["e2e_s"] and 0 < rec["tpot_s"] < rec["e2e_s"]
+            assert [t["predicted_n"] for t in rec["server_timings"]] == [3] * int(batch)
+            assert [t["prompt_n"] for t in rec["server_timings"]] == rec["prompt_lens"]
+            assert rec["server_peak_rss_bytes"] > (suite / "gguf" / "model-bf16.gguf").stat().st_size // 4
+        assert run["batches"][batch]["summary"]["tok_per_s"] > 0
+    gguf_bytes = (suite / "gguf" / "model-bf16.gguf").stat().st_size
+    assert f"evicted with posix_fadvise before the run ({gguf_bytes} B;" in run["page_cache"]  # its file, not hf/
+    assert "| llama.cpp (experts offloaded; own routing) |" in (suite / "report" / "e2e.md").read_text()
+
+
+@pytest.mark.llama_cpp
+def test_close_stops_the_server_and_a_batch_over_the_slots_is_refused(suite: Path) -> None:
+    setup = Setup(workdir=str(suite), hf_dir=str(suite / "hf"), stores={}, device="cpu", workers=1,
+                  disk_bytes_per_s=1e9, routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
+    system = LlamaCppSystem()
+    system.prepare(setup, Budget(None, None))  # on the suite's GGUF
+    pid = system.proc.pid
+    try:
+        with pytest.raises(ZipMoEError, match="at most 16 prompts"):
+            system.run([Prompt(i, (5, 6, 7), 2) for i in range(17)], 2)
+        assert system.run([Prompt(0, (5, 6, 7), 2)], 2)["tokens"] == 2
+    finally:
+        system.close()
+    assert not Path(f"/proc/{pid}").exists() or "Z (zombie)" in Path(f"/proc/{pid}/status").read_text()
