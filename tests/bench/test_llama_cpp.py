@@ -118,3 +118,29 @@ def test_close_stops_the_server_and_a_batch_over_the_slots_is_refused(suite: Pat
     finally:
         system.close()
     assert not Path(f"/proc/{pid}").exists() or "Z (zombie)" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_cgroup_run_first_evicts_the_files_the_system_reads_through_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages cached before the run stay charged to the suite, not to the run's new cgroup, so without the
+    eviction llama.cpp served its whole GGUF from memory (0 bytes read on the device) under a 25 % budget."""
+    gguf = tmp_path / "gguf" / "model-bf16.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"\0" * 8192)
+    evicted, made = [], []
+
+    class FakeCgroup:  # CI cannot make cgroups; only the order of what _isolation does is under test
+        def __init__(self, limit: int) -> None:
+            made.append((limit, list(evicted)))
+
+    monkeypatch.setattr(e2e, "cgroup_unavailable", lambda: None)
+    monkeypatch.setattr(e2e, "MemoryCgroup", FakeCgroup)
+    monkeypatch.setattr(e2e, "evict_files", lambda paths: evicted.extend(paths) or 8192)
+    setup = Setup(workdir=str(tmp_path), hf_dir=str(tmp_path / "hf"), stores={}, device="cpu", workers=1,
+                  disk_bytes_per_s=1e9, routing_profile="qwen1.5-moe-a2.7b", seed=0, pad_token_id=0)
+    note, cgroup = e2e._isolation("llama.cpp", "auto", Budget(0.25, 1 << 30), setup, 1 << 20)
+    assert isinstance(cgroup, FakeCgroup) and made == [((1 << 30) + (1 << 20), [str(gguf)])]
+    assert "cgroup v2 memory.max" in note and "evicted with posix_fadvise before the run (8192 B)" in note
+    evicted.clear()
+    e2e._isolation("accelerate", "auto", Budget(0.25, 1 << 30), setup, 1 << 20)
+    assert evicted == [setup.hf_dir]

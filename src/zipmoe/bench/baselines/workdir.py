@@ -146,9 +146,6 @@ def prepare_workdir(args: Any, need_raw: bool, need_offload: bool = False,
         stores["raw"] = work / "store-raw"
     for coder, dest in stores.items():
         _store(hf, dest, coder, args.workers_total)
-    if need_gguf and not isinstance(found := llama_cpp_build(), str) and not gguf_path(work).is_file():
-        seconds = convert_to_gguf(found[1], str(hf), gguf_path(work))
-        print(f"e2e: converted the checkpoint to {gguf_path(work)} in {seconds:.0f} s", flush=True)
     geos = {c: store_geometry(d, args.device) for c, d in stores.items()}
     geometry = {**geos["huffman"], "staging": max(g["staging"] for g in geos.values())}
     setup_file = work / "setup.json"
@@ -157,6 +154,12 @@ def prepare_workdir(args: Any, need_raw: bool, need_offload: bool = False,
         measured["disk_bytes_per_s"] = disk_bandwidth(max(stores.values(), key=lambda d: (d / "experts.bin")
                                                           .stat().st_size) / "experts.bin")
         save_json(setup_file, measured)
+    if need_gguf and not isinstance(found := llama_cpp_build(), str) and not gguf_path(work).is_file():
+        # after the disk probe: with the conversion before it, the probe (which syncs first) measured 1.67 GB/s
+        # against 2.0–2.4 in earlier sessions, and zipmoe then ran at 0.95× its "bound" (fifteenth session)
+        seconds = convert_to_gguf(found[1], str(hf), gguf_path(work))
+        os.sync()
+        print(f"e2e: converted the checkpoint to {gguf_path(work)} in {seconds:.0f} s", flush=True)
     cfg = json.loads((hf / "config.json").read_text())
     eos = cfg.get("eos_token_id")
     setup = Setup(workdir=str(work), hf_dir=str(hf), stores={k: str(v) for k, v in stores.items()},
