@@ -7,6 +7,10 @@
 # bench e2e --warm-process: attention replays the workload on a one-layer clone (25 s per call on the device,
 # ninth session), 1 on the first system (118 s per call, eighth session), 0 not at all.
 # BATCHES (default "1 16") are the batch sizes measured; "1 4 16" adds batch 4 (not yet timed on the device).
+# llama.cpp joins with SYSTEMS=...,llama.cpp and ZIPMOE_LLAMA_CPP=<dir> from
+#   bash scripts/llama_cpp_build.sh .whl/llama.cpp-src.tar.gz build/llama.cpp   # CUDA sm_90: 247 s on the device
+# (the tarball: the llama-cpp-python 0.3.36 sdist's vendor/llama.cpp without docs/, models/, tests/, media/,
+# benches/: 11 MB; BENCHMARKS.md, fifteenth session). The workdir then converts the checkpoint to a GGUF (42 s).
 # SYSTEMS overrides the compared systems (e.g. add zipmoe-fused to A/B load(late_merge=False), the CUDA default
 # being on). Measured at 9b2190d: DeepSeek-V2-Lite in two calls, 463 + 272 s (BENCHMARKS.md, ninth session);
 # the Qwen shape at 4c1bc7a in three, 532 + 447 + 87 s (eighth session), at c01000d in three, ~450 + 331 + 73 s
