@@ -210,8 +210,9 @@ class LlamaCppSystem(HFSystem):
         """B concurrent requests, each exactly new_tokens long; one record in batch_record's layout.
 
         Times are the server's: TTFT is the slowest row's prompt time, TPOT the median row's time per
-        generated token, the decode wall the slowest row's generation time. `deadline` is not checked
-        inside a request (the server runs it to the end); a batch that ends past it is marked aborted."""
+        generated token, the decode wall the slowest row's generation time. `deadline` is not checked: a
+        request runs to its end, so a record is never partial (the suite's estimate before each batch and the
+        child process's timeout keep a call inside its time)."""
         assert self.setup is not None, "prepare() first"
         if len(prompts) > SLOTS:
             raise ZipMoEError(f"llama.cpp system runs batches of at most {SLOTS} prompts, got {len(prompts)}")
