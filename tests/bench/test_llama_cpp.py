@@ -101,7 +101,8 @@ def test_the_suite_runs_llama_cpp_at_each_batch_size_and_reports_it(suite: Path)
         assert run["batches"][batch]["summary"]["tok_per_s"] > 0
     gguf_bytes = (suite / "gguf" / "model-bf16.gguf").stat().st_size
     assert f"evicted with posix_fadvise before the run ({gguf_bytes} B;" in run["page_cache"]  # its file, not hf/
-    assert "| llama.cpp (experts offloaded; own routing) |" in (suite / "report" / "e2e.md").read_text()
+    text = (suite / "report" / "e2e.md").read_text()
+    assert "| llama.cpp (experts offloaded; own routing) |" in text and "except llama.cpp" in text
 
 
 @pytest.mark.llama_cpp
@@ -144,3 +145,14 @@ def test_a_cgroup_run_first_evicts_the_files_the_system_reads_through_the_page_c
     evicted.clear()
     e2e._isolation("accelerate", "auto", Budget(0.25, 1 << 30), setup, 1 << 20)
     assert evicted == [setup.hf_dir]
+
+
+def test_the_report_compares_llama_cpp_with_zipmoe_and_says_its_routing_is_its_own() -> None:
+    def row(system: str, tpot: float, rate: float) -> dict:
+        return {"system": system, "budget": 0.25, "batch": 1, "status": "complete",
+                "tpot_s": {"median": tpot, "p10": tpot, "p90": tpot}, "tok_per_s": rate}
+
+    lines = report.targets([row("zipmoe", 0.1, 8.0), row("llama.cpp", 0.08, 6.0)])
+    (line,) = [x for x in lines if "llama.cpp ÷ zipmoe" in x]
+    assert "TPOT **0.80×**" in line and "**0.75×**" in line and "own routing" in line
+    assert not [x for x in report.targets([row("zipmoe", 0.1, 8.0)]) if "llama.cpp" in x]

@@ -100,6 +100,11 @@ def _find(rs: list[dict[str, Any]], system: str, budget: float | None, batch: in
     return next((r for r in found if r["status"] == "complete"), found[0] if found else None)
 
 
+def _median(value: Any) -> float | None:
+    """A row's value: the median of a band, or the number itself."""
+    return value["median"] if isinstance(value, dict) else value
+
+
 def targets(rs: list[dict[str, Any]]) -> list[str]:
     """Issue 6's headline ratios, from whatever rows exist (missing ones are said so)."""
     out = []
@@ -124,9 +129,18 @@ def targets(rs: list[dict[str, Any]]) -> list[str]:
               "tok_per_s", 3)
         ratio(f"throughput batch 16 at {_budget(q)}, zipmoe ÷ uncompressed LRU", z16,
               _find(rs, "uncompressed", q, 16), "tok_per_s", 1.8)
+        for batch in (1, 16):  # no target: llama.cpp runs its own routing (see its rows' label)
+            llama, z = _find(rs, "llama.cpp", q, batch), _find(rs, "zipmoe", q, batch)
+            if llama is not None and z is not None:
+                (lt, zt), (lr, zr) = ((_median(r["tpot_s"]) for r in (llama, z)),
+                                      (r["tok_per_s"] for r in (llama, z)))
+                if lt and zt and lr and zr:
+                    out.append(f"- batch {batch} at {_budget(q)}, llama.cpp ÷ zipmoe: TPOT **{lt / zt:.2f}×**, "
+                               f"tokens/s over prefill + decode **{lr / zr:.2f}×** (no target; llama.cpp on the "
+                               "model's own routing, not the calibrated sampler)")
         fused = _find(rs, "zipmoe-fused", q, 1)
         if fused is not None and z1 is not None:  # an option's A/B, not a target
-            a, b = (r["tpot_s"]["median"] if isinstance(r["tpot_s"], dict) else r["tpot_s"] for r in (fused, z1))
+            a, b = (_median(r["tpot_s"]) for r in (fused, z1))
             if a and b:
                 out.append(f"- TPOT batch 1 at {_budget(q)}, zipmoe with fused decode ÷ zipmoe: **{a / b:.2f}×** "
                            "(no target)")
@@ -193,7 +207,9 @@ def markdown(runs: list[dict[str, Any]], plot_dir: str = ".") -> str:
         f"{model.get('experts', '?')} routed experts, {(model.get('expert_bf16_bytes') or 0) / 1e9:.2f} GB BF16 "
         f"experts stored in {(model.get('expert_stored_bytes') or 0) / 1e9:.2f} GB; budgets are shares of the "
         "BF16 expert bytes on top of dense weights + staging, the same total for every system. Routing: the "
-        "calibrated sampler, same sequence per prompt for every system.",
+        "calibrated sampler, same sequence per prompt for every system"
+        + (" except llama.cpp, whose router cannot be replaced (its own routing)." if any(
+            d.get("system") == "llama.cpp" and d.get("status") != "unavailable" for d in runs) else "."),
         "", "Commands:", "", *[f"    {c}" for c in commands], "",
         table(rs), "", "Against the targets (issue 6):", *targets(rs), "", *trace_table(runs),
         "Page cache:", *[f"- {n}" for n in notes], "",
