@@ -10,7 +10,10 @@
 # llama.cpp joins with SYSTEMS=...,llama.cpp and ZIPMOE_LLAMA_CPP=<dir> from
 #   bash scripts/llama_cpp_build.sh .whl/llama.cpp-src.tar.gz build/llama.cpp   # CUDA sm_90: 247 s on the device
 # (the tarball: the llama-cpp-python 0.3.36 sdist's vendor/llama.cpp without docs/, models/, tests/, media/,
-# benches/: 11 MB; BENCHMARKS.md, fifteenth session). The workdir then converts the checkpoint to a GGUF (42 s).
+# benches/: 11 MB; BENCHMARKS.md, fifteenth session), made here with
+#   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/dl && tar xzf /tmp/dl/llama_cpp_python-0.3.36.tar.gz -C /tmp/dl
+#   tar czf .whl/llama.cpp-src.tar.gz -C /tmp/dl/llama_cpp_python-0.3.36/vendor --exclude=llama.cpp/{models,docs,media,benches,tests} llama.cpp
+# The workdir then converts the checkpoint to a GGUF (42 s).
 # SYSTEMS overrides the compared systems (e.g. add zipmoe-fused to A/B load(late_merge=False), the CUDA default
 # being on). Measured at 9b2190d: DeepSeek-V2-Lite in two calls, 463 + 272 s (BENCHMARKS.md, ninth session);
 # the Qwen shape at 4c1bc7a in three, 532 + 447 + 87 s (eighth session), at c01000d in three, ~450 + 331 + 73 s
