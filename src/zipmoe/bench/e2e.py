@@ -171,18 +171,17 @@ def _isolation(system_name: str, mode: str, budget: Budget, setup: Setup, slack:
     """(page-cache note, cgroup or None) for one run; O_DIRECT and all-resident systems need nothing."""
     if not _needs_isolation(system_name, budget):
         return "", None
+    # Evict first, whatever bounds the run: pages already cached stay charged to whoever read or wrote them (the
+    # suite wrote the checkpoint and the GGUF just before), so a fresh cgroup does not bound them. Without this,
+    # llama.cpp ran its whole GGUF from the page cache, 0 bytes read (fifteenth session, device).
+    advised = evict_files(make_system(system_name).page_cache_files(setup))
     if mode != "inline" and (why := cgroup_unavailable()) is None:
-        # Pages already cached stay charged to whoever read or wrote them (the suite wrote the checkpoint and
-        # the GGUF just before), so a fresh cgroup does not bound them: evict the files first. Without this,
-        # llama.cpp ran its whole GGUF from the page cache, 0 bytes read (fifteenth session, device).
-        advised = evict_files(make_system(system_name).page_cache_files(setup))
         cg = MemoryCgroup(budget.nbytes + slack)
         return (f"cgroup v2 memory.max = budget + {slack} B process baseline; its files evicted with "
                 f"posix_fadvise before the run ({advised} B)"), cg
     why = why if mode != "inline" else "--isolation inline"
     if mode != "inline" and drop_caches():
         return f"caches dropped before the run (no cgroup: {why}); not bounded during it", None
-    advised = evict_files(make_system(system_name).page_cache_files(setup))
     return (f"model files evicted with posix_fadvise before the run ({advised} B; no cgroup: {why}; "
             "drop_caches not permitted); not bounded during it"), None
 

@@ -34,15 +34,21 @@ def band(values: Sequence[float | None]) -> dict[str, float | None]:
     return {"median": float(med), "p10": float(p10), "p90": float(p90)}
 
 
-def os_read_bytes() -> int | None:
-    """Bytes this process caused to be read from storage (page-cache hits excluded); None if unknown."""
+def proc_number(file: str, key: str, pid: int | str = "self", scale: int = 1) -> int | None:
+    """One number of /proc/<pid>/<file> ("status" reports kB: scale=1024), or None where unreadable."""
     try:
-        for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    except OSError:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * scale
+    except (OSError, ValueError):
         return None
     return None
+
+
+def os_read_bytes(pid: int | str = "self") -> int | None:
+    """Bytes a process caused to be read from storage (page-cache hits excluded, mmap faults included);
+    None if unknown."""
+    return proc_number("io", "read_bytes", pid)
 
 
 def cuda_allocator_counts() -> dict[str, int]:
@@ -85,11 +91,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
 
     def read(self) -> dict[str, Any]:
-        host = None
-        if self.host_method == "VmHWM":
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    host = int(line.split()[1]) * 1024
+        host = proc_number("status", "VmHWM", scale=1024) if self.host_method == "VmHWM" else None
         if host is None:
             host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out: dict[str, Any] = {"peak_host_rss": host, "host_rss_method": self.host_method}

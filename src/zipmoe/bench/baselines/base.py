@@ -135,8 +135,8 @@ class HFSystem:
         return budgets
 
     def page_cache_files(self, setup: Setup) -> list[str]:
-        """The files it reads through the page cache, which the suite evicts before its run where no cgroup
-        bounds the page cache (bench/e2e.py _isolation)."""
+        """The files it reads through the page cache, which the suite evicts before each of its budgeted runs
+        (bench/e2e.py _isolation)."""
         return [setup.hf_dir]
 
     def _load(self, setup: Setup, budget: Budget) -> torch.nn.Module:

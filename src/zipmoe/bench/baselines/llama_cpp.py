@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from zipmoe.bench.baselines.base import Budget, HFSystem, Setup
-from zipmoe.bench.metrics import lower_bounds
+from zipmoe.bench.metrics import lower_bounds, os_read_bytes, proc_number
 from zipmoe.bench.prompts import Prompt
 from zipmoe.errors import ZipMoEError
 
@@ -89,13 +89,13 @@ def llama_cpp_build() -> tuple[Path, Path] | str:
     how = f"build it with `bash scripts/llama_cpp_build.sh <llama-cpp-python sdist> <dir>` and set {ENV}=<dir>"
     if not root:
         return f"not available: {ENV} is not set ({how})"
-    servers = sorted(Path(root).glob("build/bin/llama-server"))
+    server = Path(root) / "build" / "bin" / "llama-server"
     convert = Path(root) / "source" / "convert_hf_to_gguf.py"
-    if not servers or not os.access(servers[0], os.X_OK):
+    if not server.is_file() or not os.access(server, os.X_OK):
         return f"not available: no executable build/bin/llama-server under {ENV}={root} ({how})"
     if not convert.is_file():
         return f"not available: no source/convert_hf_to_gguf.py under {ENV}={root} ({how})"
-    return servers[0], convert
+    return server, convert
 
 
 def convert_to_gguf(convert: Path, hf_dir: str, out: Path) -> float:
@@ -123,18 +123,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _proc_field(pid: int, file: str, key: str, scale: int = 1) -> int | None:
-    """One number of /proc/<pid>/<file> (e.g. io's read_bytes: what the server caused to be read from storage,
-    its mmap faults included; status's VmHWM in kB: its peak resident memory), or None where unreadable."""
-    try:
-        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * scale
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 @dataclass
@@ -216,12 +204,12 @@ class LlamaCppSystem(HFSystem):
         assert self.setup is not None, "prepare() first"
         if len(prompts) > SLOTS:
             raise ZipMoEError(f"llama.cpp system runs batches of at most {SLOTS} prompts, got {len(prompts)}")
-        before = _proc_field(self.proc.pid, "io", "read_bytes")
+        before = os_read_bytes(self.proc.pid)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(len(prompts)) as pool:
             answers = list(pool.map(lambda p: self._complete(p, new_tokens), prompts))
         wall = time.perf_counter() - t0
-        after = _proc_field(self.proc.pid, "io", "read_bytes")
+        after = os_read_bytes(self.proc.pid)
         timings = [a["timings"] for a in answers]
         generated = [int(t["predicted_n"]) for t in timings]
         if any(n != new_tokens for n in generated):
@@ -238,7 +226,7 @@ class LlamaCppSystem(HFSystem):
             "bytes_read": bytes_read, "os_read_bytes": bytes_read, "prefill_bytes_read": None,
             "decode_step_bytes": None, "decode_s": None, "stall_s": None, "layer_s": None,
             "own_routing": True, "server_timings": timings,
-            "server_peak_rss_bytes": _proc_field(self.proc.pid, "status", "VmHWM", 1024),
+            "server_peak_rss_bytes": proc_number("status", "VmHWM", self.proc.pid, 1024),
         }
         rec.update(lower_bounds(rec, self.setup.disk_bytes_per_s, self.setup.workers))
         rec["aborted"] = False
