@@ -14,6 +14,8 @@
 #   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/dl && tar xzf /tmp/dl/llama_cpp_python-0.3.36.tar.gz -C /tmp/dl
 #   tar czf .whl/llama.cpp-src.tar.gz -C /tmp/dl/llama_cpp_python-0.3.36/vendor --exclude=llama.cpp/{models,docs,media,benches,tests} llama.cpp
 # The workdir then converts the checkpoint to a GGUF (42 s).
+# DEVICE=cpu runs every system on the CPU (its own workdir, runs/e2e-<shape>-cpu; llama.cpp then gets -ngl 0 and
+# no visible GPU; build it with LLAMA_CPU_ONLY=1). The default is cuda where there is one.
 # SYSTEMS overrides the compared systems (e.g. add zipmoe-fused to A/B load(late_merge=False), the CUDA default
 # being on). Measured at 9b2190d: DeepSeek-V2-Lite in two calls, 463 + 272 s (BENCHMARKS.md, ninth session);
 # the Qwen shape at 4c1bc7a in three, 532 + 447 + 87 s (eighth session), at c01000d in three, ~450 + 331 + 73 s
@@ -35,15 +37,16 @@ for name in "${names[@]}"; do
     echo "e2e_suite: ${left} s left of DEADLINE; run the same command again to go on with $name"
     exit 0
   fi
-  out=${OUT:-runs/e2e-$name-out}
+  work=runs/e2e-$name${DEVICE:+-$DEVICE}
+  out=${OUT:-$work-out}
   mkdir -p "$out"
   log=$(mktemp)
-  zipmoe bench e2e --workdir "runs/e2e-$name" --shape "$shape" --layers 6 \
+  zipmoe bench e2e --workdir "$work" --shape "$shape" --layers 6 ${DEVICE:+--device "$DEVICE"} \
     --systems "${SYSTEMS:-zipmoe,uncompressed,transformers,accelerate}" --budgets 0.25 --batches ${BATCHES:-1 16} \
     --prompts 8 --new-tokens 64 --sample accelerate=2x8 --deadline "$left" --warm-process "${WARM:-attention}" \
     --json "$out/e2e-$name.json" --report 2>&1 | tee "$log"
   mkdir -p "$out/$name"
-  cp "runs/e2e-$name/report/"*.md "runs/e2e-$name/report/"*.png "$out/$name/" 2>/dev/null || true
+  cp "$work/report/"*.md "$work/report/"*.png "$out/$name/" 2>/dev/null || true
   if grep -q "deadline reached" "$log"; then
     rm -f "$log"
     exit 0  # the message above names what the next call resumes

@@ -154,15 +154,19 @@ class LlamaCppSystem(HFSystem):
         cmd = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
                "-np", str(SLOTS), "-c", str(SLOTS * SLOT_CONTEXT), "-t", str(os.cpu_count() or 1),
                "--no-webui"]
+        env = dict(os.environ)
         if setup.device.startswith("cuda"):
             cmd += ["-ngl", "999", "--n-cpu-moe", str(layers)]
         else:
+            # A CUDA build with -ngl 0 still sends large prompt matmuls to a visible GPU: hide it.
             cmd += ["-ngl", "0"]
+            env["CUDA_VISIBLE_DEVICES"] = ""
         self.log_path = gguf.with_name(f"llama-server-{self.port}.log")
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
-        self.info = {"command": " ".join(cmd), "gguf_bytes": gguf.stat().st_size,
+        hidden = "" if setup.device.startswith("cuda") else "CUDA_VISIBLE_DEVICES= "
+        self.info = {"command": hidden + " ".join(cmd), "gguf_bytes": gguf.stat().st_size,
                      "routing": "the model's own (llama.cpp's router cannot take the calibrated sampler)",
                      "timing": "llama-server per-request timings"}
         self.routing = None
