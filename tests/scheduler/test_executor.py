@@ -4,6 +4,8 @@ errors name the expert and leave the executor usable, and close() leaves no thre
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import threading
 
 import pytest
@@ -296,3 +298,22 @@ def test_late_merged_shards_decode_while_the_sm_plane_is_read(late_merge):
         assert ops.sm_done.is_set(), "handed over before its SM read finished"
     assert got == [key]
     assert ops.shards_before_sm is late_merge
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+@pytest.mark.parametrize("nice", [0, 5])
+def test_decode_workers_run_at_the_lower_priority_asked_for_and_the_readers_do_not(nice: int) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # what new threads inherit
+    seen: dict[str, set[int]] = {}
+
+    class PriorityOps(RecordingOps):
+        def _op(self, name: str, k: ExpertKey, shard: int = 0) -> None:
+            super()._op(name, k, shard)
+            with self._lock:
+                seen.setdefault(name, set()).add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    with Executor(workers=2, decode_nice=nice) as ex:
+        run_and_log(ex, make_plan(), PriorityOps())
+    assert seen["decode"] == seen["merge"] == {min(19, base + nice)}
+    assert seen["read_sm"] == seen["read_e"] == {base}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is untouched

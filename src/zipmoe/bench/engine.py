@@ -80,6 +80,9 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-native": {"native_reads": True},
     "zipmoe-native-prefetch": {"native_reads": True, "prefetch": True},
     "uncompressed-lru-native": {"eviction": "lru", "native_reads": True},
+    # decode workers at the process's own CPU priority (the default on CUDA; on a CPU they run at nice +10)
+    "zipmoe-nice0": {"decode_nice": 0},
+    "uncompressed-lru-nice0": {"eviction": "lru", "decode_nice": 0},
     "uncompressed-lru": {"eviction": "lru"},
 }
 
