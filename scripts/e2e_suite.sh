@@ -40,10 +40,13 @@ for name in "${names[@]}"; do
   work=runs/e2e-$name${DEVICE:+-$DEVICE}
   out=${OUT:-$work-out}
   mkdir -p "$out"
+  systems=${SYSTEMS:-zipmoe,uncompressed,transformers,accelerate}
+  sample=()
+  [[ ",$systems," == *,accelerate,* ]] && sample=(--sample accelerate=2x8)  # --sample must name a compared system
   log=$(mktemp)
   zipmoe bench e2e --workdir "$work" --shape "$shape" --layers 6 ${DEVICE:+--device "$DEVICE"} \
-    --systems "${SYSTEMS:-zipmoe,uncompressed,transformers,accelerate}" --budgets 0.25 --batches ${BATCHES:-1 16} \
-    --prompts 8 --new-tokens 64 --sample accelerate=2x8 --deadline "$left" --warm-process "${WARM:-attention}" \
+    --systems "$systems" --budgets 0.25 --batches ${BATCHES:-1 16} \
+    --prompts 8 --new-tokens 64 "${sample[@]}" --deadline "$left" --warm-process "${WARM:-attention}" \
     --json "$out/e2e-$name.json" --report 2>&1 | tee "$log"
   mkdir -p "$out/$name"
   cp "$work/report/"*.md "$work/report/"*.png "$out/$name/" 2>/dev/null || true
