@@ -6,7 +6,8 @@
 # DEADLINE (s, default 520) ends a call early when less device time is left. WARM (default attention) is
 # bench e2e --warm-process: attention replays the workload on a one-layer clone (25 s per call on the device,
 # ninth session), 1 on the first system (118 s per call, eighth session), 0 not at all.
-# BATCHES (default "1 16") are the batch sizes measured; "1 4 16" adds batch 4 (not yet timed on the device).
+# BATCHES (default "1 16") are the batch sizes measured; "1 4 16" adds batch 4. BATCHES=4 with
+# SYSTEMS=zipmoe,uncompressed,transformers,llama.cpp took 341 + ~60 s in a workdir already built (seventeenth session).
 # llama.cpp joins with SYSTEMS=...,llama.cpp and ZIPMOE_LLAMA_CPP=<dir> from
 #   bash scripts/llama_cpp_build.sh .whl/llama.cpp-src.tar.gz build/llama.cpp   # CUDA sm_90: 247 s on the device
 # (the tarball: the llama-cpp-python 0.3.36 sdist's vendor/llama.cpp without docs/, models/, tests/, media/,

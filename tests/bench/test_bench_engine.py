@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from zipmoe.bench import engine as bench
 from zipmoe.models import compute
 from zipmoe.models.compute import INDEX_COPY_MIN_SLOTS
@@ -16,11 +18,16 @@ SYSTEMS = ("zipmoe", "zipmoe-fused", "zipmoe-4workers", "zipmoe-3io", "uncompres
 
 def test_engine_bench_runs_every_row_under_one_budget(tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
-    assert bench.main(["--workdir", str(tmp_path / "w"), "--layers", "2", "--scale", "0.0625", "--device", "cpu",
-                       "--workers", "2", "--big-batch", "2", "--big-batch-tokens", "2", "--new-tokens", "3",
-                       "--prompt-len", "8", "--skip-reference", "--trace", "--json", str(out),
-                       "--runs", *(f"{s}:0.25" for s in SYSTEMS)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--workdir", str(tmp_path / "w"), "--layers", "2", "--scale", "0.0625", "--device", "cpu",
+                           "--workers", "2", "--big-batch", "2", "--big-batch-tokens", "2", "--new-tokens", "3",
+                           "--prompt-len", "8", "--skip-reference", "--trace", "--json", str(out),
+                           "--torch-threads", "1", "--runs", *(f"{s}:0.25" for s in SYSTEMS)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # a process-wide setting: the rest of the suite keeps its own
     result = json.loads(out.read_text())
+    assert result["torch_threads"] == 1  # recorded, so an A/B of thread counts reads from the JSON
     runs = {(r["system"], r["batch"]): r for r in result["runs"]}
     assert set(runs) == {(s, b) for s in SYSTEMS for b in (1, 2)}
     assert len({r["memory_budget"] for r in runs.values()}) == 1  # the same bytes for every system

@@ -8,15 +8,18 @@ where it exists (the dev machine and the device); CI deselects them like the GPU
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
 from zipmoe.bench import e2e, report
 from zipmoe.bench.baselines import Budget, Setup
 from zipmoe.bench.baselines.llama_cpp import ENV, LlamaCppSystem, convert_to_gguf, llama_cpp_build
+from zipmoe.bench.metrics import proc_number
 from zipmoe.bench.prompts import Prompt
 from zipmoe.errors import ZipMoEError
 
@@ -46,6 +49,33 @@ def test_a_failed_conversion_raises_and_leaves_no_gguf(tmp_path: Path) -> None:
     with pytest.raises(ZipMoEError, match=r"convert_hf_to_gguf\.py failed"):
         convert_to_gguf(script, str(tmp_path), out)
     assert not out.exists() and not list(out.parent.glob("*.part"))
+
+
+def test_memory_peaks_are_the_servers_not_the_harness_process(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table once showed the harness's 0.8 GiB RSS and 0 GPU bytes for a llama-server holding gigabytes."""
+    server = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); "
+                               "sys.stdout.write('up\\n'); sys.stdout.flush(); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "up\n"
+        smi = tmp_path / "nvidia-smi"  # lists another process and the server, as `--format=csv,noheader,nounits`
+        smi.write_text(f"#!/bin/sh\necho '1, 999'\necho '{server.pid}, 1536'\n")
+        smi.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+        system = LlamaCppSystem()
+        system.proc, system.setup = server, SimpleNamespace(device="cuda")
+        peaks = system.peak_memory()
+        assert peaks["peak_host_rss"] == proc_number("status", "VmHWM", server.pid, 1024) >= 64 << 20
+        assert peaks["peak_host_rss"] != proc_number("status", "VmHWM", scale=1024)
+        assert peaks["peak_gpu_reserved"] == peaks["peak_gpu_allocated"] == 1536 << 20
+        smi.write_text("#!/bin/sh\necho '1, 999'\n")  # the server not listed (another PID namespace): unknown
+        assert system.peak_memory()["peak_gpu_reserved"] is None
+        system.setup = SimpleNamespace(device="cpu")
+        assert "peak_gpu_reserved" not in system.peak_memory()
+    finally:
+        server.kill()
+        server.wait()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tests.tiny_models import build_tiny_checkpoint
 
 from zipmoe.convert import convert
 from zipmoe.errors import BudgetTooSmallError, ChecksumError, ZipMoEError
-from zipmoe.models.load import CPU_DECODE_NICE, load, unload
+from zipmoe.models.load import load, unload
 from zipmoe.planner.profile_io import stats_path
 from zipmoe.store import reader as reader_mod
 from zipmoe.store.aligned import ALIGN, StripedReads
@@ -77,9 +77,9 @@ def test_load_unload_leaks_no_threads_or_fds(store):
     assert fds() == files
 
 
-def test_a_cpu_engine_lowers_its_decode_workers_priority_unless_told_otherwise(store):
-    for asked, expected in ((None, CPU_DECODE_NICE), (0, 0), (3, 3)):
-        model = load(store, memory_budget=None, workers=2, decode_nice=asked)
+def test_decode_workers_keep_the_process_priority_unless_told_otherwise(store):
+    for kwargs, expected in (({}, 0), ({"decode_nice": 3}, 3)):
+        model = load(store, memory_budget=None, workers=2, **kwargs)
         try:
             assert model.zipmoe_engine.executor.decode_nice == expected
         finally:

@@ -155,8 +155,8 @@ def _run_batches(system: Any, spec: dict[str, Any], prompts: list, doc: dict, pa
             last = (rec["e2e_s"], len(group) * new)
             rec["prompt_indices"] = [p.index for p in group]
             sec["records"].append(rec)
-            for key, value in peak.read().items():  # resumed sections keep the larger peak
-                sec[key] = max(sec.get(key, 0), value) if isinstance(value, int) else value
+            for key, value in {**peak.read(), **system.peak_memory()}.items():  # resumed: the larger peak
+                sec[key] = max(sec.get(key) or 0, value) if isinstance(value, int) else value
             sec["summary"] = summarize(sec["records"])
             save_json(path, doc)
     return "complete"

@@ -80,9 +80,9 @@ SYSTEMS: dict[str, dict] = {
     "zipmoe-native": {"native_reads": True},
     "zipmoe-native-prefetch": {"native_reads": True, "prefetch": True},
     "uncompressed-lru-native": {"eviction": "lru", "native_reads": True},
-    # decode workers at the process's own CPU priority (the default on CUDA; on a CPU they run at nice +10)
-    "zipmoe-nice0": {"decode_nice": 0},
-    "uncompressed-lru-nice0": {"eviction": "lru", "decode_nice": 0},
+    # decode workers at nice +10 beside torch's CPU thread pool (the default is the process's own priority)
+    "zipmoe-nice10": {"decode_nice": 10},
+    "uncompressed-lru-nice10": {"eviction": "lru", "decode_nice": 10},
     "uncompressed-lru": {"eviction": "lru"},
 }
 
@@ -259,7 +259,9 @@ def run(args) -> dict:
     bw = disk_bandwidth(stores["uncompressed-lru"] / "experts.bin")
     result = {"shape": args.shape, "layers": cfg["num_hidden_layers"], "experts": n_entries, "shards": args.shards,
               "expert_bf16_bytes": expert_bf16, "stored_expert_bytes": stored, "dense_bytes": dense,
-              "disk_bytes_per_s": bw, "workers": args.workers, "device": args.device, **timings, "runs": []}
+              "disk_bytes_per_s": bw, "workers": args.workers, "device": args.device,
+              "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              **timings, "runs": []}
     sampler = RoutingSampler(routing_profile_for(args.shape), n_entries // len(moe_layers),
                              cfg["num_experts_per_tok"], len(moe_layers), seed=args.seed, layer_ids=moe_layers)
     override = LookaheadRouting(PromptRouting(sampler))
@@ -411,7 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="directory for cProfile reports of the batch-1 runs")
     p.add_argument("--torch-profile", default=None,
                    help="directory for torch.profiler op tables (device, host time) and timelines of the batch-1 runs")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch's intra-op threads for every run (default: torch's own, one per core); on a CPU "
+                        "fewer leave cores to the decode workers. OMP_WAIT_POLICY=PASSIVE in the environment "
+                        "stops the pool's threads spinning after each op (scripts/cpu_contention.py)")
     args = p.parse_args(argv)
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            p.error(f"--torch-threads must be at least 1, got {args.torch_threads}")
+        torch.set_num_threads(args.torch_threads)
     result = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import resource
+import shutil
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +45,22 @@ def proc_number(file: str, key: str, pid: int | str = "self", scale: int = 1) ->
     except (OSError, ValueError):
         return None
     return None
+
+
+def gpu_bytes_of(pid: int) -> int | None:
+    """GPU memory another process holds now, as nvidia-smi reports it (torch's allocator counters only see
+    this one); None without nvidia-smi or when it does not list the pid (another PID namespace, no GPU use)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [int(mib) << 20 for p, mib in (line.split(",") for line in out.splitlines() if "," in line)
+            if p.strip() == str(pid) and mib.strip().isdigit()]
+    return sum(used) if used else None
 
 
 def os_read_bytes(pid: int | str = "self") -> int | None:

@@ -39,9 +39,6 @@ from zipmoe.types import State
 
 log = logging.getLogger("zipmoe")
 
-# Nice increment of the decode workers on a CPU device (scheduler/executor.lower_thread_priority): +10
-# kept a torch linear as fast beside a busy worker as alone, +5 did not quite (scripts/cpu_contention.py).
-CPU_DECODE_NICE = 10
 # Conservative defaults until the planner's profiler measures this machine (issue 4); they only
 # steer the order of work inside a layer, never what is computed.
 DEFAULT_COSTS = CostModel(
@@ -78,7 +75,7 @@ def load(
     plan_batch: int = 1,
     prefetch: bool = False,
     late_merge: bool | None = None,
-    decode_nice: int | None = None,
+    decode_nice: int = 0,
     preload: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> torch.nn.Module:
@@ -114,9 +111,9 @@ def load(
     merges the two planes when both are in (engine/late_merge.py). None (default) = on for CUDA, where it took
     18 % off batch-1 TPOT (BENCHMARKS.md, ninth session), off for a CPU, where the merge would run on the
     compute thread; the same bits either way. decode_nice: how much lower than the process's the decode
-    workers' CPU priority is (Linux nice increments). None (default) = CPU_DECODE_NICE on a CPU device,
-    where torch's thread pool shares the cores with the workers and each op waits for its slowest pool
-    thread, 0 on CUDA (not measured there). preload:
+    workers' CPU priority is (Linux nice increments; default 0). +10 frees torch's CPU thread pool from
+    waiting for a busy worker's time slice, but on a 16-core CPU it tied on TPOT and cost 21 % TTFT
+    (BENCHMARKS.md, seventeenth session). preload:
     read every expert at load (None = when the budget holds every expert decoded, as plain
     from_pretrained would). progress: called as progress(stage, done, total) when each loading stage
     starts and once more at the end with done == total, for a progress bar; None (default) = silent.
@@ -131,8 +128,6 @@ def load(
     try:
         reader = StoreReader(store, direct_io=direct_io, read_stripes=read_stripes, readers=io_threads + 1)
         native = _native_reads(native_reads, read_bytes_per_s, read_stripes)
-        if decode_nice is None:
-            decode_nice = CPU_DECODE_NICE if device.type == "cpu" else 0
         return _load(reader, device, memory_budget, workers, io_threads, eviction, staging_slots,
                      experts_implementation, read_bytes_per_s, costs, capacities, planning, plan_batch, prefetch,
                      late_merge, preload, progress=_Stages(progress), native_reads=native,

@@ -11,7 +11,7 @@ read is already in the kernel while the previous one's thread waits for the GIL 
 Decode workers may run at a lower CPU priority (`decode_nice`): on a CPU device the compute thread's
 torch ops fan out to a thread pool as wide as the machine, and each op waits for its slowest pool
 thread; a worker that keeps a core busy makes that thread wait for its time slice (see
-lower_thread_priority).
+lower_thread_priority). Off by default: end to end it has not paid (BENCHMARKS.md, seventeenth session).
 
 # E=experts K=shards W=workers; times in s (time.perf_counter)
 """

@@ -142,6 +142,11 @@ class HFSystem:
     def _load(self, setup: Setup, budget: Budget) -> torch.nn.Module:
         raise NotImplementedError
 
+    def peak_memory(self) -> dict[str, Any]:
+        """Peaks that replace the harness process's own (bench/metrics.PeakMemory) for a system that runs
+        elsewhere (a server process); {} where the model runs in this process."""
+        return {}
+
     def _counters(self) -> dict[str, Any]:
         return {"os_read_bytes": os_read_bytes()}
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from zipmoe.bench.baselines.base import Budget, HFSystem, Setup
-from zipmoe.bench.metrics import lower_bounds, os_read_bytes, proc_number
+from zipmoe.bench.metrics import gpu_bytes_of, lower_bounds, os_read_bytes, proc_number
 from zipmoe.bench.prompts import Prompt
 from zipmoe.errors import ZipMoEError
 
@@ -235,6 +235,16 @@ class LlamaCppSystem(HFSystem):
         rec.update(lower_bounds(rec, self.setup.disk_bytes_per_s, self.setup.workers))
         rec["aborted"] = False
         return rec
+
+    def peak_memory(self) -> dict[str, Any]:
+        """The server's peaks, not the harness's: its VmHWM (one server per run, so its lifetime peak) and, on
+        CUDA, the GPU memory nvidia-smi says it holds (llama.cpp allocates its buffers at load)."""
+        out: dict[str, Any] = {"peak_host_rss": proc_number("status", "VmHWM", self.proc.pid, 1024),
+                               "host_rss_method": "llama-server VmHWM"}
+        if self.setup is not None and self.setup.device.startswith("cuda"):
+            gpu = gpu_bytes_of(self.proc.pid)
+            out.update(peak_gpu_allocated=gpu, peak_gpu_reserved=gpu, gpu_method="llama-server, nvidia-smi")
+        return out
 
     def close(self) -> None:
         proc = getattr(self, "proc", None)
