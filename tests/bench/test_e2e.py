@@ -268,6 +268,14 @@ def test_cli_dispatch_and_bad_input(tmp_path: Path) -> None:
         make_system("deepspeed")
 
 
+def test_a_batch_sections_peaks_keep_the_largest_and_an_unknown_one_erases_nothing() -> None:
+    sec: dict = {}
+    e2e.merge_peaks(sec, {"peak_host_rss": 5, "peak_gpu_reserved": None, "host_rss_method": "VmHWM"})
+    e2e.merge_peaks(sec, {"peak_host_rss": 3, "peak_gpu_reserved": 7, "host_rss_method": "VmHWM"})
+    e2e.merge_peaks(sec, {"peak_host_rss": None, "peak_gpu_reserved": None})  # nvidia-smi missed this group
+    assert sec == {"peak_host_rss": 5, "peak_gpu_reserved": 7, "host_rss_method": "VmHWM"}
+
+
 def test_metrics_from_known_steps() -> None:
     base = {"bytes_read": 100, "decode_s": 0.0, "stall_s": 0.0, "layer_s": 0.0, "io_busy_s": 0.0,
             "hits": {"F": 0, "C": 0, "S": 0, "E": 0, "MISS": 0}, "os_read_bytes": 7}

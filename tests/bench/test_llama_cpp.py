@@ -54,11 +54,12 @@ def test_a_failed_conversion_raises_and_leaves_no_gguf(tmp_path: Path) -> None:
 def test_memory_peaks_are_the_servers_not_the_harness_process(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The table once showed the harness's 0.8 GiB RSS and 0 GPU bytes for a llama-server holding gigabytes."""
-    server = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); "
-                               "sys.stdout.write('up\\n'); sys.stdout.flush(); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); print('up'); "
+                               "sys.stdout.flush(); sys.stdin.readline(); del b; print('freed'); "
+                               "sys.stdout.flush(); time.sleep(60)"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert server.stdout is not None and server.stdout.readline() == "up\n"
+        assert server.stdin is not None and server.stdout is not None and server.stdout.readline() == "up\n"
         smi = tmp_path / "nvidia-smi"  # lists another process and the server, as `--format=csv,noheader,nounits`
         smi.write_text(f"#!/bin/sh\necho '1, 999'\necho '{server.pid}, 1536'\n")
         smi.chmod(0o755)
@@ -66,16 +67,26 @@ def test_memory_peaks_are_the_servers_not_the_harness_process(tmp_path: Path,
         system = LlamaCppSystem()
         system.proc, system.setup = server, SimpleNamespace(device="cuda")
         peaks = system.peak_memory()
-        assert peaks["peak_host_rss"] == proc_number("status", "VmHWM", server.pid, 1024) >= 64 << 20
+        server_hwm = proc_number("status", "VmHWM", server.pid, 1024)  # it may still grow by a page or two
+        assert server_hwm is not None and abs(peaks["peak_host_rss"] - server_hwm) < 1 << 20
+        assert peaks["peak_host_rss"] >= 64 << 20
         assert peaks["peak_host_rss"] != proc_number("status", "VmHWM", scale=1024)
         assert peaks["peak_gpu_reserved"] == peaks["peak_gpu_allocated"] == 1536 << 20
         smi.write_text("#!/bin/sh\necho '1, 999'\n")  # the server not listed (another PID namespace): unknown
         assert system.peak_memory()["peak_gpu_reserved"] is None
         system.setup = SimpleNamespace(device="cpu")
         assert "peak_gpu_reserved" not in system.peak_memory()
+        server.stdin.write("\n")  # the server frees its 64 MiB: a new interval's peak no longer counts them
+        server.stdin.flush()
+        assert server.stdout.readline() == "freed\n"
+        system.reset_peak_memory()
+        assert system.peak_memory()["peak_host_rss"] < 48 << 20
     finally:
         server.kill()
         server.wait()
+        for pipe in (server.stdin, server.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,16 @@ def execute_run(spec: dict[str, Any]) -> str:
     return status
 
 
+def merge_peaks(sec: dict[str, Any], peaks: dict[str, Any]) -> None:
+    """Fold one group's peaks into its batch section: the larger of each (a resumed section keeps its earlier
+    peak); a peak unknown this time (None: a missed nvidia-smi) leaves what an earlier group saw."""
+    for key, value in peaks.items():
+        if value is None:
+            sec.setdefault(key, None)
+        else:
+            sec[key] = max(sec.get(key) or 0, value) if isinstance(value, int) else value
+
+
 def _run_batches(system: Any, spec: dict[str, Any], prompts: list, doc: dict, path: Path) -> str:
     last = None  # the previous batch run in this call: (seconds, rows × tokens), for the next estimate
     for batch in spec["batches"]:
@@ -144,6 +154,7 @@ def _run_batches(system: Any, spec: dict[str, Any], prompts: list, doc: dict, pa
         todo = groups(prompts, batch, spec["prompt_count"])[len(sec["records"]):]
         peak = PeakMemory(spec["setup"]["device"])
         peak.reset()
+        system.reset_peak_memory()
         for group in todo:
             new = min(spec["new_tokens"] or 1 << 30, max(p.max_new_tokens for p in group))
             estimate = 0.0 if last is None else last[0] * len(group) * new / last[1]  # conservative
@@ -155,8 +166,7 @@ def _run_batches(system: Any, spec: dict[str, Any], prompts: list, doc: dict, pa
             last = (rec["e2e_s"], len(group) * new)
             rec["prompt_indices"] = [p.index for p in group]
             sec["records"].append(rec)
-            for key, value in {**peak.read(), **system.peak_memory()}.items():  # resumed: the larger peak
-                sec[key] = max(sec.get(key) or 0, value) if isinstance(value, int) else value
+            merge_peaks(sec, {**peak.read(), **system.peak_memory()})
             sec["summary"] = summarize(sec["records"])
             save_json(path, doc)
     return "complete"

@@ -415,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="directory for torch.profiler op tables (device, host time) and timelines of the batch-1 runs")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch's intra-op threads for every run (default: torch's own, one per core); on a CPU "
-                        "fewer leave cores to the decode workers. OMP_WAIT_POLICY=PASSIVE in the environment "
-                        "stops the pool's threads spinning after each op (scripts/cpu_contention.py)")
+                        "fewer leave cores to the decode workers (set for the whole process, model building and "
+                        "conversion too). OMP_WAIT_POLICY=PASSIVE in the environment stops the pool's threads "
+                        "spinning after each op (scripts/cpu_contention.py)")
     args = p.parse_args(argv)
     if args.torch_threads is not None:
         if args.torch_threads < 1:

@@ -55,10 +55,10 @@ def gpu_bytes_of(pid: int) -> int | None:
         return None
     try:
         out = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+                             capture_output=True, text=True, timeout=5, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    used = [int(mib) << 20 for p, mib in (line.split(",") for line in out.splitlines() if "," in line)
+    used = [int(mib) << 20 for p, mib in (line.split(",", 1) for line in out.splitlines() if "," in line)
             if p.strip() == str(pid) and mib.strip().isdigit()]
     return sum(used) if used else None
 

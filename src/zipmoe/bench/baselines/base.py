@@ -142,6 +142,9 @@ class HFSystem:
     def _load(self, setup: Setup, budget: Budget) -> torch.nn.Module:
         raise NotImplementedError
 
+    def reset_peak_memory(self) -> None:
+        """Start a new peak interval for what peak_memory() reports (at each batch size's start)."""
+
     def peak_memory(self) -> dict[str, Any]:
         """Peaks that replace the harness process's own (bench/metrics.PeakMemory) for a system that runs
         elsewhere (a server process); {} where the model runs in this process."""

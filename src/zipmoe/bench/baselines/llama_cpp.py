@@ -21,6 +21,7 @@ placeholder vocabulary of the model's size: one token string per id, never used 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -236,14 +237,22 @@ class LlamaCppSystem(HFSystem):
         rec["aborted"] = False
         return rec
 
+    def reset_peak_memory(self) -> None:
+        # As bench/metrics.PeakMemory does for this process: VmHWM restarts from the current RSS. Where the
+        # write is refused, VmHWM stays the server's lifetime peak, its load included.
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
     def peak_memory(self) -> dict[str, Any]:
-        """The server's peaks, not the harness's: its VmHWM (one server per run, so its lifetime peak) and, on
-        CUDA, the GPU memory nvidia-smi says it holds (llama.cpp allocates its buffers at load)."""
+        """The server's peaks, not the harness's: its VmHWM and, on CUDA, the GPU memory nvidia-smi says it holds
+        (llama.cpp allocates its buffers at load). nvidia-smi counts the CUDA context (~0.5 GiB), which torch's
+        allocator peak of the in-process systems leaves out."""
         out: dict[str, Any] = {"peak_host_rss": proc_number("status", "VmHWM", self.proc.pid, 1024),
                                "host_rss_method": "llama-server VmHWM"}
         if self.setup is not None and self.setup.device.startswith("cuda"):
             gpu = gpu_bytes_of(self.proc.pid)
-            out.update(peak_gpu_allocated=gpu, peak_gpu_reserved=gpu, gpu_method="llama-server, nvidia-smi")
+            out.update(peak_gpu_allocated=gpu, peak_gpu_reserved=gpu,
+                       gpu_method="llama-server, nvidia-smi used_memory (CUDA context included)")
         return out
 
     def close(self) -> None:
